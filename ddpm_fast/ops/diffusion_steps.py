@@ -1,0 +1,196 @@
+"""Fused q_sample, reverse step and DDIM step: public functions, fake impls and autograd.
+
+The C++ extension registers ``torch.ops.ddpm_fast.{q_sample,reverse_step,ddim_step}`` (a CPU
+and a CUDA kernel each); the Triton kernels are custom ops of their own,
+``torch.ops.ddpm_fast_triton.*``, since one op has one kernel per device. This module gives
+both a fake (meta) implementation and autograd, and :func:`q_sample` / :func:`reverse_step` /
+:func:`ddim_step` send each call to the backend that ``ddpm_fast.backends`` picks.
+
+The arithmetic and the coefficient tables are documented in ``ddpm_fast.reference``.
+"""
+
+import torch
+
+from .. import _ext, backends, reference
+from ._common import batch_dense, check_float, check_like, check_timesteps, same_layout
+
+# ----------------------------------------------------------------------------- Triton ops
+
+
+@torch.library.custom_op("ddpm_fast_triton::q_sample", mutates_args=())
+def _triton_q_sample(x_start: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                     noise: torch.Tensor | None, seed: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import diffusion_steps
+
+    return diffusion_steps.q_sample(x_start, t, table, noise, seed)
+
+
+@torch.library.custom_op("ddpm_fast_triton::reverse_step", mutates_args=())
+def _triton_reverse_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                         clip_denoised: bool, noise: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
+    from ..kernels import diffusion_steps
+
+    return diffusion_steps.reverse_step(x_t, model_output, t, table, clip_denoised, noise, seed)
+
+
+@torch.library.custom_op("ddpm_fast_triton::ddim_step", mutates_args=())
+def _triton_ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, table: torch.Tensor,
+                      clip_denoised: bool, noise: torch.Tensor | None, seed: torch.Tensor | None) -> torch.Tensor:
+    from ..kernels import diffusion_steps
+
+    return diffusion_steps.reverse_step(x_t, model_output, t, table, clip_denoised, noise, seed)
+
+
+def _ops_for(namespace):
+    ns = getattr(torch.ops, namespace)
+    return {"q_sample": ns.q_sample, "reverse_step": ns.reverse_step, "ddim_step": ns.ddim_step}
+
+
+_TRITON_OPS = _ops_for("ddpm_fast_triton")
+_EXTENSION_OPS = _ops_for("ddpm_fast") if _ext.loaded else None
+
+# ----------------------------------------------------------------------------- fake impls + autograd
+
+
+def _fake_q_sample(x_start, t, table, noise, seed):
+    drawn = torch.empty_like(x_start) if noise is None else x_start.new_empty((0,))
+    return torch.empty_like(x_start), drawn
+
+
+def _fake_step(x_t, model_output, t, table, clip_denoised, noise, seed):
+    return torch.empty_like(x_t)
+
+
+def _column(table, t, column, like):
+    return table[:, column].index_select(0, t).to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def _setup_q_sample(ctx, inputs, output):
+    x_start, t, table, noise, seed = inputs
+    ctx.save_for_backward(t, table)
+    ctx.noise_given = noise is not None
+
+
+def _backward_q_sample(ctx, grad_x_t, grad_drawn):
+    t, table = ctx.saved_tensors
+    grad_x_start = grad_x_t * _column(table, t, reference.SQRT_ALPHAS_CUMPROD, grad_x_t)
+    grad_noise = None
+    if ctx.noise_given:
+        grad_noise = grad_x_t * _column(table, t, reference.SQRT_ONE_MINUS_ALPHAS_CUMPROD, grad_x_t)
+    return grad_x_start, None, None, grad_noise, None
+
+
+def _setup_step(ctx, inputs, output):
+    x_t, model_output, t, table, clip_denoised, noise, seed = inputs
+    ctx.clip_denoised = clip_denoised
+    ctx.noise_given = noise is not None
+    ctx.save_for_backward(x_t, model_output, t, table)
+
+
+def _backward_step(ctx, grad_out):
+    # out = P * clip(A x_t + B m) + Q x_t + S z; clamp passes gradient only inside (-1, 1).
+    x_t, model_output, t, table = ctx.saved_tensors
+    col = lambda c: _column(table, t, c, grad_out)  # noqa: E731
+    grad_x0 = grad_out * col(reference.OUT_FROM_X0)
+    if ctx.clip_denoised:
+        x0 = col(reference.X0_FROM_XT) * x_t + col(reference.X0_FROM_MODEL) * model_output
+        grad_x0 = grad_x0 * ((x0 > -1.0) & (x0 < 1.0))
+    grad_x_t = grad_out * col(reference.OUT_FROM_XT) + grad_x0 * col(reference.X0_FROM_XT)
+    grad_model = grad_x0 * col(reference.X0_FROM_MODEL)
+    grad_noise = grad_out * col(reference.SIGMA) if ctx.noise_given else None
+    return grad_x_t, grad_model, None, None, None, grad_noise, None
+
+
+def _register(namespace):
+    torch.library.register_fake(f"{namespace}::q_sample", _fake_q_sample)
+    torch.library.register_autograd(f"{namespace}::q_sample", _backward_q_sample, setup_context=_setup_q_sample)
+    for name in ("reverse_step", "ddim_step"):
+        torch.library.register_fake(f"{namespace}::{name}", _fake_step)
+        torch.library.register_autograd(f"{namespace}::{name}", _backward_step, setup_context=_setup_step)
+
+
+_register("ddpm_fast_triton")
+if _ext.loaded:
+    _register("ddpm_fast")
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _kernel_ops(backend):
+    return _TRITON_OPS if backend == "triton" else _EXTENSION_OPS
+
+
+def _check_table(table, columns, device, num_rows=None):
+    if not isinstance(table, torch.Tensor) or table.dtype != torch.float32 or table.dim() != 2 \
+            or table.shape[1] != columns:
+        got = f"{table.dtype} {list(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"table must be a float32 tensor of shape [T, {columns}], got {got}")
+    if table.device != device:
+        raise ValueError(f"table must be on the input's device ({device}), got {table.device}")
+    return table.contiguous()
+
+
+def _check_noise(noise, like, like_name):
+    if noise is None:
+        return None
+    check_float("noise", noise)
+    check_like("noise", noise, like_name, like)
+    return same_layout(noise, like)
+
+
+def q_sample(x_start, t, table, noise=None, seed=None, backend="auto"):
+    """x_t = table[t, 0] * x_start + table[t, 1] * noise in one pass; returns (x_t, noise).
+
+    Give ``noise``, or a one-element int64 ``seed`` tensor (``_common.draw_seed``) to draw it
+    in-kernel; the noise drawn is returned as the second output (the p_losses target).
+    """
+    check_float("x_start", x_start)
+    if x_start.dim() < 1 or x_start.shape[0] == 0:
+        raise ValueError(f"x_start must have a non-empty batch dimension first, got shape {tuple(x_start.shape)}")
+    table = _check_table(table, 2, x_start.device)
+    t = check_timesteps(t, x_start.shape[0], table.shape[0], x_start.device)
+    if (noise is None) == (seed is None):
+        raise ValueError("q_sample takes exactly one of noise= (given noise) or seed= (noise drawn in-kernel)")
+    name = backends.resolve(backend, x_start.device)
+    if name == "torch" or x_start.dtype == torch.float64:
+        if noise is None:
+            noise = reference.philox_normal_like(x_start, int(seed)).to(x_start.dtype)
+        return reference.q_sample(x_start, t, table, noise), noise
+    x_start = batch_dense(x_start)
+    noise = _check_noise(noise, x_start, "x_start")
+    x_t, drawn = _kernel_ops(name)["q_sample"](x_start, t, table, noise, seed)
+    return x_t, (drawn if noise is None else noise)
+
+
+def _step(op_name, x_t, model_output, t, table, clip_denoised, noise, seed, backend):
+    check_float("x_t", x_t)
+    check_float("model_output", model_output)
+    check_like("model_output", model_output, "x_t", x_t)
+    if x_t.dim() < 1 or x_t.shape[0] == 0:
+        raise ValueError(f"x_t must have a non-empty batch dimension first, got shape {tuple(x_t.shape)}")
+    table = _check_table(table, reference.STEP_TABLE_COLUMNS, x_t.device)
+    t = check_timesteps(t, x_t.shape[0], table.shape[0], x_t.device)
+    if noise is not None and seed is not None:
+        raise ValueError("give at most one of noise= (given noise) and seed= (noise drawn in-kernel)")
+    name = backends.resolve(backend, x_t.device)
+    if name == "torch" or x_t.dtype == torch.float64:
+        if seed is not None:
+            noise = reference.philox_normal_like(x_t, int(seed)).to(x_t.dtype)
+        return reference.reverse_step(x_t, model_output, t, table, bool(clip_denoised), noise)
+    x_t = batch_dense(x_t)
+    model_output = same_layout(model_output, x_t)
+    noise = _check_noise(noise, x_t, "x_t")
+    return _kernel_ops(name)[op_name](x_t, model_output, t, table, bool(clip_denoised), noise, seed)
+
+
+def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None, seed=None, backend="auto"):
+    """x_{t-1} = mean + sqrt(var) * z in one pass (see ``reference.reverse_step``).
+
+    z is ``noise`` when given, drawn in-kernel from ``seed`` when that is given, else 0.
+    """
+    return _step("reverse_step", x_t, model_output, t, table, clip_denoised, noise, seed, backend)
+
+
+def ddim_step(x_t, model_output, t, table, clip_denoised=False, noise=None, seed=None, backend="auto"):
+    """The DDIM step from t to t_prev in one pass; ``table`` holds the DDIM coefficients."""
+    return _step("ddim_step", x_t, model_output, t, table, clip_denoised, noise, seed, backend)

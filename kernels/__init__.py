@@ -1,0 +1,1 @@
+"""Triton kernels of ddpm_fast, installed as ``ddpm_fast.kernels``."""

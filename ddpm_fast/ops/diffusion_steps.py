@@ -41,13 +41,9 @@ def _triton_ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Te
     return diffusion_steps.reverse_step(x_t, model_output, t, table, clip_denoised, noise, seed)
 
 
-def _ops_for(namespace):
-    ns = getattr(torch.ops, namespace)
-    return {"q_sample": ns.q_sample, "reverse_step": ns.reverse_step, "ddim_step": ns.ddim_step}
-
-
-_TRITON_OPS = _ops_for("ddpm_fast_triton")
-_EXTENSION_OPS = _ops_for("ddpm_fast") if _ext.loaded else None
+_OP_NAMES = ("q_sample", "reverse_step", "ddim_step")
+# The extension's ops, when the loaded extension has all of them.
+_EXTENSION_HAS_OPS = _ext.loaded and all(hasattr(torch.ops.ddpm_fast, name) for name in _OP_NAMES)
 
 # ----------------------------------------------------------------------------- fake impls + autograd
 
@@ -110,14 +106,19 @@ def _register(namespace):
 
 
 _register("ddpm_fast_triton")
-if _ext.loaded:
+if _EXTENSION_HAS_OPS:
     _register("ddpm_fast")
 
 # ----------------------------------------------------------------------------- public functions
 
 
-def _kernel_ops(backend):
-    return _TRITON_OPS if backend == "triton" else _EXTENSION_OPS
+def _kernel_op(backend, name):
+    if backend == "triton":
+        return getattr(torch.ops.ddpm_fast_triton, name)
+    if not _EXTENSION_HAS_OPS:
+        raise backends.BackendUnavailableError(f"the loaded C++ extension has no ddpm_fast::{name} op "
+                                               "(rebuild it with `pip install --no-build-isolation .`)")
+    return getattr(torch.ops.ddpm_fast, name)
 
 
 def _check_table(table, columns, device, num_rows=None):
@@ -158,7 +159,7 @@ def q_sample(x_start, t, table, noise=None, seed=None, backend="auto"):
         return reference.q_sample(x_start, t, table, noise), noise
     x_start = batch_dense(x_start)
     noise = _check_noise(noise, x_start, "x_start")
-    x_t, drawn = _kernel_ops(name)["q_sample"](x_start, t, table, noise, seed)
+    x_t, drawn = _kernel_op(name, "q_sample")(x_start, t, table, noise, seed)
     return x_t, (drawn if noise is None else noise)
 
 
@@ -180,7 +181,7 @@ def _step(op_name, x_t, model_output, t, table, clip_denoised, noise, seed, back
     x_t = batch_dense(x_t)
     model_output = same_layout(model_output, x_t)
     noise = _check_noise(noise, x_t, "x_t")
-    return _kernel_ops(name)[op_name](x_t, model_output, t, table, bool(clip_denoised), noise, seed)
+    return _kernel_op(name, op_name)(x_t, model_output, t, table, bool(clip_denoised), noise, seed)
 
 
 def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None, seed=None, backend="auto"):

@@ -1,0 +1,294 @@
+"""The fused q_sample / reverse step / DDIM step on every backend against reference.py.
+
+Outputs are compared with the reference computed in float64 from the same inputs and noise:
+fp32 within 1e-6 relative (of the output's scale), fp16/bf16 within twice the error of the
+reference computed in that dtype. Every run happens with torch's deterministic mode on, which
+fills each freshly allocated output with NaN, so an element a kernel fails to write fails.
+"""
+
+import os
+
+import pytest
+import torch
+
+from conftest import backend_params
+from ddpm_fast import GaussianDiffusion, ops, reference, schedules
+from ddpm_fast.ops._common import draw_seed
+
+T = 1000
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (shape, memory format); the interpreter runs Triton programs through numpy: keep them small.
+SHAPES = [((1, 3, 7, 7), "contiguous"), ((5, 3, 33, 33), "contiguous"), ((5, 3, 33, 33), "channels_last"),
+          ((2, 3, 8, 8), "channels_last"), ((3, 17), "contiguous"), ((2, 2, 3, 5, 5), "contiguous")]
+BACKENDS = backend_params(include_torch=False)
+
+
+@pytest.fixture(autouse=True)
+def poisoned_outputs():
+    """torch.empty / empty_like return NaN-filled memory while this is on."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
+def _layout(x, fmt):
+    return x.to(memory_format=torch.channels_last) if fmt == "channels_last" else x
+
+
+def _inputs(shape, fmt, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = _layout(torch.randn(shape, generator=g), fmt).to(device=device, dtype=dtype)
+    m = _layout(torch.randn(shape, generator=g), fmt).to(device=device, dtype=dtype)
+    noise = _layout(torch.randn(shape, generator=g), fmt).to(device=device, dtype=dtype)
+    t = torch.randint(0, T, (shape[0],), generator=g).to(device)
+    t[0] = 0  # always exercise the last step (no noise) and the first
+    if shape[0] > 1:
+        t[-1] = T - 1
+    return x, m, noise, t
+
+
+def _tables(device, prediction_type="epsilon", variance_type="posterior"):
+    q = schedules.diffusion_quantities(schedules.linear_betas(T))
+    return (schedules.q_sample_table(q).float().to(device),
+            schedules.reverse_step_table(q, prediction_type, variance_type).float().to(device))
+
+
+def assert_matches_reference(out, ref_fn, inputs):
+    """out vs ref_fn(*inputs) in float64; fp16/bf16 within 2x the same-dtype reference's error."""
+    assert not torch.isnan(out).any(), "an output element was not written (NaN poison survived)"
+    as64 = [v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in inputs]
+    ref64 = ref_fn(*as64)
+    scale = ref64.abs().max().item()
+    err = (out.double() - ref64).abs().max().item()
+    if out.dtype == torch.float32:
+        assert err <= 1e-6 * scale, f"fp32 error {err:.3g} exceeds 1e-6 x scale {scale:.3g}"
+    else:
+        same_dtype = [v.float() if isinstance(v, torch.Tensor) and v.dtype == torch.float32 and v.dim() == 2
+                      else v for v in inputs]  # tables are float32; the reference casts them to x's dtype
+        ref_err = (ref_fn(*same_dtype).double() - ref64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * scale, f"{out.dtype} error {err:.3g} vs reference's {ref_err:.3g}"
+    return err
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", SHAPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_q_sample_given_noise(backend, device, dtype, shape, fmt):
+    x, _, noise, t = _inputs(shape, fmt, dtype, device)
+    q_table, _ = _tables(device)
+    out, returned = ops.q_sample(x, t, q_table, noise=noise, backend=backend)
+    assert returned is noise
+    assert out.dtype == dtype and out.shape == x.shape and out.stride() == x.stride()
+    assert_matches_reference(out, reference.q_sample, (x, t, q_table, noise))
+
+
+@pytest.mark.parametrize("op", ["reverse_step", "ddim_step"])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", SHAPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_step_given_noise(backend, device, dtype, shape, fmt, clip, op):
+    x, m, noise, t = _inputs(shape, fmt, dtype, device)
+    _, table = _tables(device)
+    out = getattr(ops, op)(x, m, t, table, clip_denoised=clip, noise=noise, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape and out.stride() == x.stride()
+    assert_matches_reference(out, lambda *a: reference.reverse_step(*a[:4], clip, a[4]), (x, m, t, table, noise))
+
+
+@pytest.mark.parametrize("prediction_type", schedules.PREDICTION_TYPES)
+@pytest.mark.parametrize("variance_type", schedules.VARIANCE_TYPES)
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_step_tables_of_every_parametrisation(backend, device, prediction_type, variance_type):
+    x, m, noise, t = _inputs((4, 3, 5, 5), "contiguous", torch.float32, device)
+    _, table = _tables(device, prediction_type, variance_type)
+    for clip in (False, True):
+        out = ops.reverse_step(x, m, t, table, clip_denoised=clip, noise=noise, backend=backend)
+        assert_matches_reference(out, lambda *a: reference.reverse_step(*a[:4], clip, a[4]), (x, m, t, table, noise))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_step_without_noise_adds_none(backend, device):
+    x, m, _, t = _inputs((3, 3, 7, 7), "contiguous", torch.float32, device)
+    _, table = _tables(device)
+    out = ops.reverse_step(x, m, t, table, backend=backend)
+    assert_matches_reference(out, lambda *a: reference.reverse_step(*a, False, None), (x, m, t, table))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fmt", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_in_kernel_noise_is_the_reference_philox_stream(backend, device, dtype, fmt):
+    shape = (3, 3, 9, 9)  # 729 elements: not a multiple of 4, exercises the tail group
+    x, m, _, t = _inputs(shape, fmt, dtype, device)
+    q_table, table = _tables(device)
+    seed = torch.tensor([0x1234_5678_9ABC_DEF], dtype=torch.int64, device=device)
+    expected = reference.philox_normal_like(x, int(seed)).to(device)
+
+    x_t, drawn = ops.q_sample(x, t, q_table, seed=seed, backend=backend)
+    assert drawn.dtype == dtype and drawn.stride() == x.stride()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(drawn.float(), expected.to(dtype).float(), rtol=tol, atol=tol)
+    assert_matches_reference(x_t, reference.q_sample, (x, t, q_table, expected.to(dtype)))
+
+    out = ops.reverse_step(x, m, t, table, seed=seed, backend=backend)
+    ref = reference.reverse_step(x.double(), m.double(), t, table.double(), False, expected.double())
+    torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_in_kernel_noise_reproducible_and_normal(backend, device):
+    from scipy import stats
+
+    numel = 1 << 16 if backend == "triton" else 1 << 20
+    x = torch.zeros(4, numel // 4, device=device)
+    q_table = torch.tensor([[0.0, 1.0]], device=device)  # x_t = noise
+    t = torch.zeros(4, dtype=torch.long, device=device)
+
+    def draw(generator_seed):
+        g = torch.Generator(device=device).manual_seed(generator_seed)
+        return ops.q_sample(x, t, q_table, seed=draw_seed(device, g), backend=backend)[1]
+
+    a, b, c = draw(0), draw(0), draw(1)
+    assert torch.equal(a, b), "the same generator seed must give the same noise"
+    assert (a != c).float().mean() > 0.99, "different generator seeds must give different noise"
+    torch.manual_seed(7)
+    d = ops.q_sample(x, t, q_table, seed=draw_seed(device), backend=backend)[1]
+    torch.manual_seed(7)
+    e = ops.q_sample(x, t, q_table, seed=draw_seed(device), backend=backend)[1]
+    assert torch.equal(d, e), "torch.manual_seed must make the noise reproducible"
+    sample = a.flatten().double().cpu().numpy()
+    assert abs(sample.mean()) < 5 / numel**0.5 and abs(sample.var() - 1) < 0.02
+    assert stats.kstest(sample, "norm").pvalue > 1e-3
+    # Neighbouring elements (the 4 lanes of one Philox call) are uncorrelated.
+    assert abs(stats.pearsonr(sample[0::4], sample[1::4])[0]) < 0.02
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autograd_through_q_sample(backend, device):
+    x, _, noise, t = _inputs((2, 3, 4, 4), "contiguous", torch.float32, device)
+    q_table, _ = _tables(device)
+    x.requires_grad_(True)
+    noise.requires_grad_(True)
+    out, _ = ops.q_sample(x, t, q_table, noise=noise, backend=backend)
+    out.square().sum().backward()
+    x_ref, noise_ref = x.detach().clone().requires_grad_(True), noise.detach().clone().requires_grad_(True)
+    reference.q_sample(x_ref, t, q_table, noise_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(noise.grad, noise_ref.grad)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_autograd_through_step(backend, device):
+    x, m, noise, t = _inputs((2, 3, 4, 4), "contiguous", torch.float32, device)
+    _, table = _tables(device, "v")
+    for clip in (False, True):
+        leaves = [v.detach().clone().requires_grad_(True) for v in (x, m, noise)]
+        ops.reverse_step(leaves[0], leaves[1], t, table, clip, noise=leaves[2], backend=backend).sum().backward()
+        refs = [v.detach().clone().requires_grad_(True) for v in (x, m, noise)]
+        reference.reverse_step(refs[0], refs[1], t, table, clip, refs[2]).sum().backward()
+        for leaf, ref in zip(leaves, refs):
+            torch.testing.assert_close(leaf.grad, ref.grad)
+
+
+def _op_namespace(backend):
+    return torch.ops.ddpm_fast_triton if backend == "triton" else torch.ops.ddpm_fast
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    x, m, noise, t = _inputs((2, 3, 5, 5), "contiguous", torch.float32, device)
+    q_table, table = _tables(device)
+    seed = torch.tensor([42], dtype=torch.int64, device=device)
+    ns = _op_namespace(backend)
+    # Deterministic mode is off for opcheck: its own checks compare against fresh allocations.
+    torch.use_deterministic_algorithms(False)
+    torch.library.opcheck(ns.q_sample, (x, t, q_table, noise, None))
+    torch.library.opcheck(ns.q_sample, (x.requires_grad_(), t, q_table, None, seed))
+    for name in ("reverse_step", "ddim_step"):
+        torch.library.opcheck(getattr(ns, name), (x.detach(), m, t, table, True, noise, None))
+        torch.library.opcheck(getattr(ns, name), (x.detach(), m, t, table, False, None, seed))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id == "cpu"])
+def test_compiles_without_graph_break(backend, device):
+    x, m, noise, t = _inputs((2, 3, 5, 5), "contiguous", torch.float32, device)
+    q_table, table = _tables(device)
+    torch.use_deterministic_algorithms(False)
+    torch._dynamo.reset()
+
+    def step(x, m, t, noise):
+        x_t, _ = ops.q_sample(x, t, q_table, noise=noise, backend=backend)
+        return ops.reverse_step(x_t, m, t, table, True, noise=noise, backend=backend)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, m, t, noise), step(x, m, t, noise))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_bad_input(backend, device):
+    x, m, noise, t = _inputs((2, 3, 4, 4), "contiguous", torch.float32, device)
+    q_table, table = _tables(device)
+    step = lambda *a, **k: ops.reverse_step(*a, backend=backend, **k)  # noqa: E731
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\)"):
+        step(x, m, torch.tensor([0, 1000], device=device), table)
+    with pytest.raises(ValueError, match="t must lie"):
+        step(x, m, torch.tensor([-1, 3], device=device), table)
+    with pytest.raises(ValueError, match="t must be on the device"):
+        step(x, m, t.to("meta"), table)
+    with pytest.raises(ValueError, match=r"t must have shape \[batch_size\]"):
+        step(x, m, t[:1], table)
+    with pytest.raises(TypeError, match="t must be an integer tensor"):
+        step(x, m, t.float(), table)
+    with pytest.raises(ValueError, match="model_output must have the shape of x_t"):
+        step(x, m[:, :2], t, table)
+    with pytest.raises(TypeError, match="model_output must have the dtype of x_t"):
+        step(x, m.half(), t, table)
+    with pytest.raises(TypeError, match="x_t must have a floating dtype"):
+        step(x.long(), m.long(), t, table)
+    with pytest.raises(TypeError, match="x_t must have a floating dtype"):
+        step(torch.complex(x, x), torch.complex(m, m), t, table)
+    with pytest.raises(ValueError, match=r"table must be a float32 tensor of shape \[T, 5\]"):
+        step(x, m, t, q_table)
+    with pytest.raises(ValueError, match="noise must have the shape of x_t"):
+        step(x, m, t, table, noise=noise[:1])
+    with pytest.raises(ValueError, match="exactly one of noise= "):
+        ops.q_sample(x, t, q_table, backend=backend)
+
+
+@pytest.mark.skipif(os.environ.get("DDPM_FAST_SKIP_HUGE") == "1", reason="DDPM_FAST_SKIP_HUGE=1")
+@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id in ("cpu", "cuda")])
+def test_64bit_offsets(backend, device):
+    """A tensor of more than 2**31 elements is indexed correctly to its last element."""
+    numel = 2**31 + 40
+    free = torch.cuda.mem_get_info()[0] if device == "cuda" else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if free < 3 * 2 * numel + 2**30:
+        pytest.skip(f"needs {3 * 2 * numel / 2**30:.1f} GiB free memory, {free / 2**30:.1f} GiB available")
+    torch.use_deterministic_algorithms(False)  # filling 4 GiB with NaN twice is not needed here
+    x = torch.empty(2, numel // 2, dtype=torch.bfloat16, device=device)
+    x[:, -64:] = torch.randn(2, 64, device=device).to(torch.bfloat16)
+    x[:, :64] = torch.randn(2, 64, device=device).to(torch.bfloat16)
+    t = torch.tensor([3, 900], device=device)
+    _, table = _tables(device)
+    out = ops.reverse_step(x, x, t, table, backend=backend)  # model_output = x: 2 tensors of 4 GiB
+    for part in (slice(0, 64), slice(-64, None)):
+        ref = reference.reverse_step(x[:, part].double(), x[:, part].double(), t, table.double())
+        torch.testing.assert_close(out[:, part].double(), ref, rtol=1e-2, atol=1e-2)
+
+
+def test_diffusion_uses_fused_step_with_same_result():
+    """GaussianDiffusion's fused path and its torch path agree for the same noise."""
+    for backend in ("cpu", "triton"):
+        from ddpm_fast import backends
+
+        if backends.unavailable_reason(backend, "cpu"):
+            continue
+        fused = GaussianDiffusion(backend=backend, prediction_type="v")
+        plain = GaussianDiffusion(backend="torch", prediction_type="v")
+        x, m, noise, t = _inputs((2, 3, 6, 6), "contiguous", torch.float32, "cpu")
+        model = lambda x_t, t: m  # noqa: E731
+        torch.testing.assert_close(fused.q_sample(x, t, noise), plain.q_sample(x, t, noise), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(fused.p_sample(model, x, t, noise=noise, clip_denoised=True),
+                                   plain.p_sample(model, x, t, noise=noise, clip_denoised=True), rtol=1e-5, atol=1e-5)
+        t_prev = (t - 100).clamp(min=-1)
+        torch.testing.assert_close(fused.ddim_sample(model, x, t, t_prev, eta=0.5, noise=noise),
+                                   plain.ddim_sample(model, x, t, t_prev, eta=0.5, noise=noise), rtol=1e-5, atol=1e-5)

@@ -1,0 +1,412 @@
+// Fused GroupNorm + SiLU on the CPU: forward and backward, NCHW and channels_last read in place,
+// float32 / float16 / bfloat16 in and out with float32 arithmetic and statistics.
+//
+// NCHW: a (sample, group) is one contiguous block of D = C/G * S elements; one task per block
+// reads it into cache, takes the mean, then the variance from (x - mean), then writes y.
+// channels_last: a sample is S rows of C channels; statistics are per-channel vector sums over
+// the rows (then summed per group), and y is written row by row with per-channel scale/shift.
+// Backward recomputes z, silu'(z) and xhat from x, mean and rstd, and reduces the per-(sample,
+// channel) sums for dgamma/dbeta over the batch in a fixed order, so every run gives the same bits.
+#define DDPM_GNS_WITH_ATEN_VEC
+#include <ddpm_fast/group_norm_silu.h>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+namespace ddpm_fast {
+namespace cpu {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+// Rows summed into a partial before joining the total: keeps float sums accurate (two-level).
+constexpr int64_t kRowChunk = 64;
+
+// f(i, count) over [0, n) in vector steps; the last step may be partial (count < kVec).
+template <typename F>
+inline void for_vec(int64_t n, const F& f) {
+  int64_t i = 0;
+  for (; i + kVec <= n; i += kVec) f(i, kVec);
+  if (i < n) f(i, n - i);
+}
+
+inline float sum_lanes(const Vec& v) {
+  float lanes[kVec];
+  v.store(lanes);
+  float s = 0.0f;
+  for (int64_t k = 0; k < kVec; ++k) s += lanes[k];
+  return s;
+}
+
+// c10::Half's own conversions use F16C instructions under CPU_CAPABILITY_AVX2, which this build
+// does not enable (-mavx2 -mfma only): half goes through c10's portable bit conversion.
+template <typename T>
+inline float to_float(T v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::detail::fp16_ieee_to_fp32_value(v.x);
+  } else {
+    return static_cast<float>(v);
+  }
+}
+
+template <typename T>
+inline T from_float(float v) {
+  if constexpr (std::is_same_v<T, c10::Half>) {
+    return c10::Half(c10::detail::fp16_ieee_from_fp32_value(v), c10::Half::from_bits());
+  } else {
+    return static_cast<T>(v);
+  }
+}
+
+// A float view of n elements of type T: the data itself for float, else a converted copy in buf.
+template <typename T>
+inline const float* as_float(const T* src, int64_t n, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < n; ++i) buf[i] = to_float(src[i]);
+    return buf;
+  }
+}
+
+// Where float results for dst go: dst itself for float, else buf (then store_from writes dst).
+template <typename T>
+inline float* float_out(T* dst, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T>
+inline void store_from(const float* buf, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, float>) {
+    for (int64_t i = 0; i < n; ++i) dst[i] = from_float<T>(buf[i]);
+  }
+}
+
+// Scratch of n floats per task, unused (size 0) for float data.
+template <typename T>
+inline std::vector<float> scratch(int64_t n) {
+  return std::vector<float>(std::is_same_v<T, float> ? 0 : n);
+}
+
+inline float gamma_at(const float* w, int64_t c) { return w ? w[c] : 1.0f; }
+inline float beta_at(const float* b, int64_t c) { return b ? b[c] : 0.0f; }
+
+// sum of p[0, n) and sum of (p - mean)^2, with four vector accumulators.
+inline float row_sum(const float* p, int64_t n) {
+  Vec acc(0.0f);
+  for_vec(n, [&](int64_t i, int64_t k) { acc += Vec::loadu(p + i, k); });
+  return sum_lanes(acc);
+}
+
+inline float row_centered_sq(const float* p, int64_t n, float mean) {
+  Vec acc(0.0f);
+  const Vec vmean(mean);
+  for_vec(n, [&](int64_t i, int64_t k) {
+    // Lanes past a partial load are zero: keep them out of the sum.
+    const Vec d = Vec::set(Vec(0.0f), Vec::loadu(p + i, k) - vmean, k);
+    acc = at::vec::fmadd(d, d, acc);
+  });
+  return sum_lanes(acc);
+}
+
+inline void row_apply(const float* x, float* y, int64_t n, float scale, float shift) {
+  const Vec vscale(scale), vshift(shift);
+  for_vec(n, [&](int64_t i, int64_t k) {
+    gns::silu(at::vec::fmadd(Vec::loadu(x + i, k), vscale, vshift)).store(y + i, k);
+  });
+}
+
+// -------------------------------------------------------------------------------- forward
+
+template <typename T>
+void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean_out, float* rstd_out,
+                  const GnsShape& sh, float eps) {
+  const int64_t cg = sh.c / sh.groups, d = cg * sh.s;
+  at::parallel_for(0, sh.n * sh.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf = scratch<T>(d), ybuf = scratch<T>(d);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const float* xf = as_float(x + ng * d, d, xbuf.data());
+      float* yf = float_out(y + ng * d, ybuf.data());
+      // Rows of S summed one by one, then joined: the per-row sums stay short.
+      float total = 0.0f;
+      for (int64_t ci = 0; ci < cg; ++ci) total += row_sum(xf + ci * sh.s, sh.s);
+      const float mean = total / static_cast<float>(d);
+      float sq = 0.0f;
+      for (int64_t ci = 0; ci < cg; ++ci) sq += row_centered_sq(xf + ci * sh.s, sh.s, mean);
+      const float rstd = gns::rstd_from_var(sq / static_cast<float>(d), eps);
+      mean_out[ng] = mean;
+      rstd_out[ng] = rstd;
+      const int64_t c0 = (ng % sh.groups) * cg;
+      for (int64_t ci = 0; ci < cg; ++ci) {
+        const float scale = gamma_at(w, c0 + ci) * rstd;
+        row_apply(xf + ci * sh.s, yf + ci * sh.s, sh.s, scale, beta_at(b, c0 + ci) - mean * scale);
+      }
+      store_from(yf, y + ng * d, d);
+    }
+  });
+}
+
+// out[c] = sum over the S rows of one channels_last sample of what add_row(row, r, partial) adds
+// into partial[c]; rows are summed kRowChunk at a time, then joined (two-level, for accuracy).
+template <typename T, typename F>
+void channel_sums(const T* xs, int64_t s, int64_t c, float* out, float* xbuf, const F& add_row) {
+  std::vector<float> partial(c);
+  std::fill(out, out + c, 0.0f);
+  for (int64_t r0 = 0; r0 < s; r0 += kRowChunk) {
+    std::fill(partial.begin(), partial.end(), 0.0f);
+    for (int64_t r = r0; r < std::min(s, r0 + kRowChunk); ++r) {
+      add_row(as_float(xs + r * c, c, xbuf), r, partial.data());
+    }
+    for_vec(c, [&](int64_t i, int64_t k) {
+      (Vec::loadu(out + i, k) + Vec::loadu(partial.data() + i, k)).store(out + i, k);
+    });
+  }
+}
+
+template <typename T>
+void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean_out, float* rstd_out,
+                  const GnsShape& sh, float eps) {
+  const int64_t c = sh.c, s = sh.s, cg = c / sh.groups;
+  const float d = static_cast<float>(cg * s);
+  // Per (sample, channel) scale and shift, filled by the statistics pass.
+  std::vector<float> scale(sh.n * c), shift(sh.n * c);
+  at::parallel_for(0, sh.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf = scratch<T>(c), sums(c), mean_c(c);
+    for (int64_t n = begin; n < end; ++n) {
+      const T* xs = x + n * s * c;
+      channel_sums(xs, s, c, sums.data(), xbuf.data(), [&](const float* row, int64_t, float* acc) {
+        for_vec(c, [&](int64_t i, int64_t k) { (Vec::loadu(acc + i, k) + Vec::loadu(row + i, k)).store(acc + i, k); });
+      });
+      for (int64_t g = 0; g < sh.groups; ++g) {
+        float total = 0.0f;
+        for (int64_t ci = 0; ci < cg; ++ci) total += sums[g * cg + ci];
+        std::fill(mean_c.begin() + g * cg, mean_c.begin() + (g + 1) * cg, total / d);
+      }
+      channel_sums(xs, s, c, sums.data(), xbuf.data(), [&](const float* row, int64_t, float* acc) {
+        for_vec(c, [&](int64_t i, int64_t k) {
+          const Vec dv = Vec::loadu(row + i, k) - Vec::loadu(mean_c.data() + i, k);
+          at::vec::fmadd(dv, dv, Vec::loadu(acc + i, k)).store(acc + i, k);
+        });
+      });
+      for (int64_t g = 0; g < sh.groups; ++g) {
+        float sq = 0.0f;
+        for (int64_t ci = 0; ci < cg; ++ci) sq += sums[g * cg + ci];
+        const float mean = mean_c[g * cg], rstd = gns::rstd_from_var(sq / d, eps);
+        mean_out[n * sh.groups + g] = mean;
+        rstd_out[n * sh.groups + g] = rstd;
+        for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+          scale[n * c + ch] = gamma_at(w, ch) * rstd;
+          shift[n * c + ch] = beta_at(b, ch) - mean * scale[n * c + ch];
+        }
+      }
+    }
+  });
+  // The write pass is split over rows, so a small batch still uses every core.
+  at::parallel_for(0, sh.n * s, kRowChunk, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c);
+    for (int64_t row = begin; row < end; ++row) {
+      const float* xf = as_float(x + row * c, c, xbuf.data());
+      float* yf = float_out(y + row * c, ybuf.data());
+      const float* sc = scale.data() + (row / s) * c;
+      const float* sf = shift.data() + (row / s) * c;
+      for_vec(c, [&](int64_t i, int64_t k) {
+        gns::silu(at::vec::fmadd(Vec::loadu(xf + i, k), Vec::loadu(sc + i, k), Vec::loadu(sf + i, k))).store(yf + i, k);
+      });
+      store_from(yf, y + row * c, c);
+    }
+  });
+}
+
+// -------------------------------------------------------------------------------- backward
+
+// dgamma[c] = sum_n ds[n, c], dbeta[c] = sum_n db[n, c], in batch order.
+void reduce_over_batch(const std::vector<float>& ds, const std::vector<float>& db, float* dw, float* dbias,
+                       int64_t n, int64_t c) {
+  for (int64_t ch = 0; ch < c; ++ch) {
+    float gw = 0.0f, gb = 0.0f;
+    for (int64_t i = 0; i < n; ++i) {
+      gw += ds[i * c + ch];
+      gb += db[i * c + ch];
+    }
+    if (dw) dw[ch] = gw;
+    if (dbias) dbias[ch] = gb;
+  }
+}
+
+template <typename T>
+void backward_nchw(const T* dy, const T* x, const float* w, const float* b, const float* mean, const float* rstd,
+                   T* dx, float* dw, float* dbias, const GnsShape& sh) {
+  const int64_t cg = sh.c / sh.groups, d = cg * sh.s;
+  std::vector<float> ds(sh.n * sh.c), db(sh.n * sh.c);
+  at::parallel_for(0, sh.n * sh.groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> xbuf = scratch<T>(d), dybuf = scratch<T>(d), dxbuf = scratch<T>(d);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const float* xf = as_float(x + ng * d, d, xbuf.data());
+      const float* dyf = as_float(dy + ng * d, d, dybuf.data());
+      float* dxf = float_out(dx + ng * d, dxbuf.data());
+      const int64_t c0 = (ng % sh.groups) * cg, n = ng / sh.groups;
+      const Vec vmean(mean[ng]), vrstd(rstd[ng]);
+      float c1 = 0.0f, c2 = 0.0f;
+      for (int64_t ci = 0; ci < cg; ++ci) {
+        const float scale = gamma_at(w, c0 + ci) * rstd[ng];
+        const Vec vscale(scale), vshift(beta_at(b, c0 + ci) - mean[ng] * scale);
+        const float *xr = xf + ci * sh.s, *dyr = dyf + ci * sh.s;
+        Vec acc_g(0.0f), acc_gx(0.0f);
+        for_vec(sh.s, [&](int64_t i, int64_t k) {
+          const Vec xv = Vec::loadu(xr + i, k);
+          // Zero lanes of a partial dy load give g = 0: nothing is added for them.
+          const Vec g = Vec::loadu(dyr + i, k) * gns::silu_grad(at::vec::fmadd(xv, vscale, vshift));
+          acc_g += g;
+          acc_gx = at::vec::fmadd(g, (xv - vmean) * vrstd, acc_gx);
+        });
+        const float sg = sum_lanes(acc_g), sgx = sum_lanes(acc_gx);
+        db[n * sh.c + c0 + ci] = sg;
+        ds[n * sh.c + c0 + ci] = sgx;
+        c1 += gamma_at(w, c0 + ci) * sg;
+        c2 += gamma_at(w, c0 + ci) * sgx;
+      }
+      const Vec vc1(c1 / static_cast<float>(d)), vc2(c2 / static_cast<float>(d));
+      for (int64_t ci = 0; ci < cg; ++ci) {
+        const float gamma = gamma_at(w, c0 + ci), scale = gamma * rstd[ng];
+        const Vec vgamma(gamma), vscale(scale), vshift(beta_at(b, c0 + ci) - mean[ng] * scale);
+        const float *xr = xf + ci * sh.s, *dyr = dyf + ci * sh.s;
+        float* dxr = dxf + ci * sh.s;
+        for_vec(sh.s, [&](int64_t i, int64_t k) {
+          const Vec xv = Vec::loadu(xr + i, k);
+          const Vec g = Vec::loadu(dyr + i, k) * gns::silu_grad(at::vec::fmadd(xv, vscale, vshift));
+          gns::dx_from(g * vgamma, (xv - vmean) * vrstd, vrstd, vc1, vc2).store(dxr + i, k);
+        });
+      }
+      store_from(dxf, dx + ng * d, d);
+    }
+  });
+  reduce_over_batch(ds, db, dw, dbias, sh.n, sh.c);
+}
+
+template <typename T>
+void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, const float* mean, const float* rstd,
+                   T* dx, float* dw, float* dbias, const GnsShape& sh) {
+  const int64_t c = sh.c, s = sh.s, cg = c / sh.groups;
+  const float d = static_cast<float>(cg * s);
+  std::vector<float> ds(sh.n * c), db(sh.n * c);
+  // Per (sample, channel): scale, shift, mean, rstd, gamma, c1, c2 (group values per channel).
+  enum { kScale, kShift, kMean, kRstd, kGamma, kC1, kC2, kParams };
+  std::vector<float> params(sh.n * kParams * c);
+  auto param = [&](int64_t n, int which) { return params.data() + (n * kParams + which) * c; };
+  at::parallel_for(0, sh.n, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> dybuf = scratch<T>(c), xbuf = scratch<T>(c);
+    for (int64_t n = begin; n < end; ++n) {
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const int64_t ng = n * sh.groups + ch / cg;
+        param(n, kGamma)[ch] = gamma_at(w, ch);
+        param(n, kScale)[ch] = gamma_at(w, ch) * rstd[ng];
+        param(n, kShift)[ch] = beta_at(b, ch) - mean[ng] * param(n, kScale)[ch];
+        param(n, kMean)[ch] = mean[ng];
+        param(n, kRstd)[ch] = rstd[ng];
+      }
+      const float *sc = param(n, kScale), *sf = param(n, kShift), *mc = param(n, kMean), *rc = param(n, kRstd);
+      const T* xs = x + n * s * c;
+      const T* dys = dy + n * s * c;
+      // Two sums per channel (g and g * xhat): the partial holds both, g in [0, c), g*xhat in [c, 2c).
+      std::vector<float> both(2 * c, 0.0f), partial(2 * c);
+      for (int64_t r0 = 0; r0 < s; r0 += kRowChunk) {
+        std::fill(partial.begin(), partial.end(), 0.0f);
+        for (int64_t r = r0; r < std::min(s, r0 + kRowChunk); ++r) {
+          const float* xr = as_float(xs + r * c, c, xbuf.data());
+          const float* dyr = as_float(dys + r * c, c, dybuf.data());
+          for_vec(c, [&](int64_t i, int64_t k) {
+            const Vec xv = Vec::loadu(xr + i, k);
+            const Vec g = Vec::loadu(dyr + i, k) *
+                          gns::silu_grad(at::vec::fmadd(xv, Vec::loadu(sc + i, k), Vec::loadu(sf + i, k)));
+            const Vec xhat = (xv - Vec::loadu(mc + i, k)) * Vec::loadu(rc + i, k);
+            (Vec::loadu(partial.data() + i, k) + g).store(partial.data() + i, k);
+            at::vec::fmadd(g, xhat, Vec::loadu(partial.data() + c + i, k)).store(partial.data() + c + i, k);
+          });
+        }
+        for_vec(2 * c, [&](int64_t i, int64_t k) {
+          (Vec::loadu(both.data() + i, k) + Vec::loadu(partial.data() + i, k)).store(both.data() + i, k);
+        });
+      }
+      for (int64_t g = 0; g < sh.groups; ++g) {
+        float c1 = 0.0f, c2 = 0.0f;
+        for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+          db[n * c + ch] = both[ch];
+          ds[n * c + ch] = both[c + ch];
+          c1 += gamma_at(w, ch) * both[ch];
+          c2 += gamma_at(w, ch) * both[c + ch];
+        }
+        std::fill(param(n, kC1) + g * cg, param(n, kC1) + (g + 1) * cg, c1 / d);
+        std::fill(param(n, kC2) + g * cg, param(n, kC2) + (g + 1) * cg, c2 / d);
+      }
+    }
+  });
+  at::parallel_for(0, sh.n * s, kRowChunk, [&](int64_t begin, int64_t end) {
+    std::vector<float> dybuf = scratch<T>(c), xbuf = scratch<T>(c), dxbuf = scratch<T>(c);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t n = row / s;
+      const float *sc = param(n, kScale), *sf = param(n, kShift), *mc = param(n, kMean), *rc = param(n, kRstd);
+      const float *gm = param(n, kGamma), *c1 = param(n, kC1), *c2 = param(n, kC2);
+      const float* xr = as_float(x + row * c, c, xbuf.data());
+      const float* dyr = as_float(dy + row * c, c, dybuf.data());
+      float* dxr = float_out(dx + row * c, dxbuf.data());
+      for_vec(c, [&](int64_t i, int64_t k) {
+        const Vec xv = Vec::loadu(xr + i, k), rs = Vec::loadu(rc + i, k);
+        const Vec g = Vec::loadu(dyr + i, k) *
+                      gns::silu_grad(at::vec::fmadd(xv, Vec::loadu(sc + i, k), Vec::loadu(sf + i, k)));
+        gns::dx_from(g * Vec::loadu(gm + i, k), (xv - Vec::loadu(mc + i, k)) * rs, rs, Vec::loadu(c1 + i, k),
+                     Vec::loadu(c2 + i, k))
+            .store(dxr + i, k);
+      });
+      store_from(dxr, dx + row * c, c);
+    }
+  });
+  reduce_over_batch(ds, db, dw, dbias, sh.n, c);
+}
+
+}  // namespace
+
+void group_norm_silu_forward_cpu(const at::Tensor& x, const float* weight, const float* bias, at::Tensor& y,
+                                 float* mean, float* rstd, const GnsShape& shape, double eps) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_cpu", [&] {
+    const auto* xp = x.const_data_ptr<scalar_t>();
+    auto* yp = y.mutable_data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "group_norm_silu: x must be float32, float16 or bfloat16, got float64");
+    } else if (shape.channels_last) {
+      forward_nhwc(xp, weight, bias, yp, mean, rstd, shape, static_cast<float>(eps));
+    } else {
+      forward_nchw(xp, weight, bias, yp, mean, rstd, shape, static_cast<float>(eps));
+    }
+  });
+}
+
+void group_norm_silu_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x, const float* weight,
+                                  const float* bias, const float* mean, const float* rstd, at::Tensor& grad_x,
+                                  float* grad_weight, float* grad_bias, const GnsShape& shape) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "group_norm_silu_backward_cpu", [&] {
+    const auto* dyp = grad_y.const_data_ptr<scalar_t>();
+    const auto* xp = x.const_data_ptr<scalar_t>();
+    auto* dxp = grad_x.mutable_data_ptr<scalar_t>();
+    if constexpr (std::is_same_v<scalar_t, double>) {
+      TORCH_CHECK(false, "group_norm_silu_backward: x must be float32, float16 or bfloat16, got float64");
+    } else if (shape.channels_last) {
+      backward_nhwc(dyp, xp, weight, bias, mean, rstd, dxp, grad_weight, grad_bias, shape);
+    } else {
+      backward_nchw(dyp, xp, weight, bias, mean, rstd, dxp, grad_weight, grad_bias, shape);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace ddpm_fast

@@ -116,6 +116,10 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 3, 15, 16), t)
     with pytest.raises(ValueError, match=r"t must have shape \[batch\] = \[2\], got \[3\]"):
         model(torch.randn(2, 3, 16, 16), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(TypeError, match="t must be a tensor of timesteps"):
+        model(torch.randn(2, 3, 16, 16), torch.zeros(2, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"t must be on x's device \(meta\), got cpu"):
+        model(torch.randn(2, 3, 16, 16, device="meta"), t)
 
 
 def test_set_backend_reaches_every_group_norm_silu():

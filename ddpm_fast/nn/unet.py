@@ -252,6 +252,8 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape [batch] = [{x.shape[0]}], got {list(t.shape)}")
         if t.dtype == torch.bool or t.dtype.is_complex:
             raise TypeError(f"t must be a tensor of timesteps (int64), got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"t must be on x's device ({x.device}), got {t.device}")
 
     def forward(self, x, t):
         self._check_input(x, t)

@@ -1,0 +1,221 @@
+"""The ``ddpm-fast`` command: train, sample, eval-bpd, export, info.
+
+Every user error (bad option value, missing data, unreadable checkpoint, diverged training)
+ends with one ``ddpm-fast: error: ...`` line and a non-zero exit code, never a traceback.
+"""
+
+import argparse
+import os
+import sys
+
+EXIT_ERROR = 1
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _int_list(text):
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2, got {text!r}") from None
+
+
+def build_parser():
+    from .nn.unet import UNet
+
+    parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM training and sampling.")
+    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval-bpd,export,info}")
+
+    # Defaults of train are None where they come from the preset, the data or (on --resume) the checkpoint.
+    train = commands.add_parser("train", help="train a model (default: the 8x8 digits model from scratch)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train.add_argument("--data", default=None, help="'digits' (default), a folder of PNG/JPEG images, or a folder "
+                                                    "with CIFAR-10's python batches")
+    train.add_argument("--image-size", type=_positive_int, help="resize images to this size (default: the data's)")
+    train.add_argument("--preset", choices=sorted(UNet.PRESETS),
+                       help="UNet preset (default: digits for digits, cifar10 otherwise)")
+    train.add_argument("--ch", type=_positive_int, help="UNet base width (default: the preset's)")
+    train.add_argument("--ch-mult", type=_int_list, help="UNet width multipliers per level, e.g. 1,2 "
+                                                         "(default: the preset's)")
+    train.add_argument("--steps", type=_positive_int, help="total optimizer steps (default 5000)")
+    train.add_argument("--batch-size", type=_positive_int, help="global batch size, split over processes "
+                                                               "(default 128)")
+    train.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-4)")
+    train.add_argument("--warmup", type=_non_negative_int, help="linear learning-rate warm-up steps (default 500)")
+    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
+    train.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0 = off, default 1)")
+    train.add_argument("--timesteps", type=_positive_int, help="diffusion steps T (default 1000)")
+    train.add_argument("--schedule", choices=["linear", "cosine"], help="beta schedule (default linear)")
+    train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"], help="model target (default epsilon)")
+    train.add_argument("--loss", dest="loss_type", choices=["mse", "l1", "vlb"], help="training loss (default mse)")
+    train.add_argument("--ema-decay", type=float, help="EMA decay of the weights (default 0.9999)")
+    train.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                       help="autocast precision; fp16 uses a GradScaler (default fp32)")
+    train.add_argument("--out", help="output folder for checkpoint.pt and samples/ (default runs/ddpm)")
+    train.add_argument("--sample-every", type=_non_negative_int, help="write a sample grid every N steps "
+                                                                     "(0 = never, default 1000)")
+    train.add_argument("--sample-n", type=_positive_int, help="images per sample grid (default 64)")
+    train.add_argument("--sampler", choices=["ddpm", "ddim"], help="sampler for the grids (default ddim)")
+    train.add_argument("--sample-steps", type=_positive_int, help="DDIM steps for the grids (default 50)")
+    train.add_argument("--ckpt-every", type=_non_negative_int, help="write checkpoint.pt every N steps and at "
+                                                                   "the end (0 = only at the end, default 1000)")
+    train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
+                       help="continue from CKPT (default: OUT/checkpoint.pt)")
+    train.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")
+    train.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto; torchrun: cuda:LOCAL_RANK)")
+    train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    sample = commands.add_parser("sample", help="draw a grid of samples (default: the shipped digits model)",
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sample.add_argument("--ckpt", help="checkpoint (default: the digits model shipped with ddpm_fast)")
+    # --num-samples spells --n out: torchrun takes a bare --n for one of its own options.
+    sample.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=64, help="number of samples")
+    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
+                        help="ddpm: all T ancestral steps; ddim: --steps steps")
+    sample.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    sample.add_argument("--out", default="samples.png", help="PNG grid to write")
+    sample.add_argument("--npz", help="also save the raw samples to this .npz file")
+    sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per forward pass")
+    sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                        help="use the EMA weights")
+    sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    sample.add_argument("--progress", action="store_true", help="show a progress bar per batch")
+
+    bpd = commands.add_parser("eval-bpd", help="variational bound in bits/dim on held-out data",
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    bpd.add_argument("--ckpt", help="checkpoint (default: the shipped digits model)")
+    bpd.add_argument("--data", help="data as for train (default: the checkpoint's training data)")
+    bpd.add_argument("--split", choices=["test", "train"], default="test",
+                     help="held-out (test) or training images")
+    bpd.add_argument("--n", "--num-images", dest="n", type=_positive_int,
+                     help="evaluate only the first N images (default: all)")
+    bpd.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch")
+    bpd.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    bpd.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    bpd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    bpd.add_argument("--progress", action="store_true", help="show a progress bar per batch")
+
+    export = commands.add_parser("export", help="write a small sampling-only checkpoint (config + EMA weights)")
+    export.add_argument("--ckpt", required=True, help="training checkpoint")
+    export.add_argument("--out", required=True, help="file to write")
+    export.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+
+    commands.add_parser("info", help="versions, device and available backends")
+    return parser
+
+
+def _run_train(args):
+    from .train import train
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    result = train(**options)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); checkpoint: {result['checkpoint']}")
+
+
+def _run_sample(args):
+    from . import checkpoint
+    from .images import save_grid, save_npz
+    from .train import Dist, generate, load_for_sampling
+
+    world = Dist(args.device)
+    try:
+        path = args.ckpt or checkpoint.shipped_path()
+        model, diffusion, _ = load_for_sampling(path, world.device, use_ema=args.ema)
+        samples = generate(model, diffusion, args.n, batch_size=args.batch_size, sampler=args.sampler,
+                           steps=args.steps, eta=args.eta, seed=args.seed, dist_info=world,
+                           progress=args.progress and world.main)
+        if world.main:
+            save_grid(samples, args.out)
+            if args.npz:
+                save_npz(samples, args.npz)
+            print(f"wrote {args.n} samples to {args.out}" + (f" and {args.npz}" if args.npz else ""))
+    finally:
+        world.close()
+
+
+def _run_eval_bpd(args):
+    from . import checkpoint
+    from .data import load_dataset
+    from .train import Dist, eval_bpd, load_for_sampling
+
+    world = Dist(args.device)
+    try:
+        path = args.ckpt or checkpoint.shipped_path()
+        model, diffusion, state = load_for_sampling(path, world.device, use_ema=args.ema)
+        trained_on = state["config"].get("train", {}).get("data", "digits")
+        config = model.config
+        images = load_dataset(args.data or trained_on, args.split, image_size=config["image_size"],
+                              channels=config["in_channels"])
+        if args.n:
+            images = images[:args.n]
+        bpd = eval_bpd(model, diffusion, images, batch_size=args.batch_size, seed=args.seed, dist_info=world,
+                       progress=args.progress and world.main)
+        if world.main:
+            stderr = bpd.std().item() / len(bpd) ** 0.5 if len(bpd) > 1 else float("nan")
+            print(f"{bpd.mean().item():.4f} bits/dim (± {stderr:.4f} standard error) on {len(bpd)} "
+                  f"{args.split} images of {args.data or trained_on}")
+    finally:
+        world.close()
+
+
+def _run_export(args):
+    from .train import export_ema
+
+    export_ema(args.ckpt, args.out, half=args.half)
+    print(f"wrote {args.out}")
+
+
+def main(argv=None):
+    """Runs the command line; returns the exit code (the console script exits with it)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_ERROR
+    if args.command == "info":
+        from .info import main as info_main
+
+        return info_main()
+
+    from .backends import BackendUnavailableError
+    from .checkpoint import CheckpointError
+    from .data import DataError
+    from .train import ConfigError, TrainingDiverged
+
+    run = {"train": _run_train, "sample": _run_sample, "eval-bpd": _run_eval_bpd, "export": _run_export}
+    try:
+        run[args.command](args)
+    except (DataError, CheckpointError, ConfigError, TrainingDiverged, BackendUnavailableError) as error:
+        rank = os.environ.get("RANK")
+        prefix = f"ddpm-fast: error (rank {rank}): " if rank not in (None, "0") else "ddpm-fast: error: "
+        print(prefix + str(error), file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("ddpm-fast: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,410 @@
+"""Training loop and sampling behind ``ddpm-fast train`` / ``sample`` / ``eval-bpd``.
+
+Reproducibility: everything random in a training step (the batch, the timesteps, the noise,
+dropout) is drawn from seeds derived from (seed, step, rank), and the checkpoint holds the
+model, EMA, optimizer, scaler, step and RNG states; so on the CPU, N steps in one run and
+k steps + ``--resume`` + N - k steps give the same weights bit for bit.
+
+Distributed: launched by torchrun (RANK / WORLD_SIZE / LOCAL_RANK in the environment) the
+loop wraps the model in DistributedDataParallel, each rank trains on its slice of the global
+batch, and only rank 0 writes checkpoints and grids. Sampling splits the batches over ranks
+and gathers them.
+"""
+
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .data import DataError, StepSampler, load_dataset, mix_seed
+from .ema import EMA
+from .images import save_grid, save_npz
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# What shapes the model and the noise process: a resumed run must use the checkpoint's values.
+STRUCTURAL_OPTIONS = ("data", "preset", "ch", "ch_mult", "image_size", "timesteps", "schedule", "prediction_type",
+                      "loss_type", "batch_size", "seed")
+
+DEFAULTS = dict(
+    data="digits", preset=None, ch=None, ch_mult=None, image_size=None, timesteps=1000, schedule="linear",
+    prediction_type="epsilon", loss_type="mse", steps=5000, batch_size=128, lr=2e-4, warmup=500, weight_decay=0.0, grad_clip=1.0,
+    ema_decay=0.9999, precision="fp32", out="runs/ddpm", sample_every=1000, sample_n=64, sampler="ddim",
+    sample_steps=50, ckpt_every=1000, seed=0, device="auto", resume=None, progress=True,
+)
+
+
+class ConfigError(ValueError):
+    """An option value that cannot work; the message names the option."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------- processes and devices
+
+class Dist:
+    """Rank, world size and device of this process; initialises torch.distributed under torchrun."""
+
+    def __init__(self, device="auto"):
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = resolve_device(device, self.local_rank)
+        self.initialised_here = False
+        if self.world_size > 1 and not dist.is_initialized():
+            if self.device.type == "cuda":
+                torch.cuda.set_device(self.device)
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+            self.initialised_here = True
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def close(self):
+        if self.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def resolve_device(device, local_rank=0):
+    if device in (None, "auto"):
+        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {device} was asked for but CUDA is not available (use --device cpu)")
+        if device.index is None:
+            device = torch.device("cuda", local_rank)
+    elif device.type != "cpu":
+        raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got {str(device)!r}")
+    return device
+
+
+# ---------------------------------------------------------------- model and diffusion from a config
+
+def build_model(model_config, device):
+    from .nn import UNet
+
+    try:
+        return UNet(**model_config).to(device)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"cannot build the UNet from {model_config}: {error}") from None
+
+
+def build_diffusion(diffusion_config):
+    from .diffusion import GaussianDiffusion
+
+    try:
+        return GaussianDiffusion(**diffusion_config)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"cannot build the diffusion from {diffusion_config}: {error}") from None
+
+
+def model_config_for(preset, channels, image_size, ch=None, ch_mult=None):
+    """The UNet preset adapted to the data (channels, image size), with optional width overrides."""
+    from .nn import UNet
+
+    if preset not in UNet.PRESETS:
+        raise ConfigError(f"--preset must be one of {sorted(UNet.PRESETS)}, got {preset!r}")
+    config = dict(UNet.PRESETS[preset], in_channels=channels, out_channels=channels, image_size=image_size)
+    if ch is not None:
+        config["ch"] = ch
+    if ch_mult is not None:
+        config["ch_mult"] = tuple(ch_mult)
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
+
+
+def load_for_sampling(path, device, use_ema=True):
+    """(model in eval mode, diffusion, checkpoint) from a checkpoint file."""
+    state = ckpt.load(path)
+    config = state["config"]
+    if not isinstance(config, dict) or "model" not in config or "diffusion" not in config:
+        raise ckpt.CheckpointError(f"checkpoint {path!r} has no model/diffusion config")
+    model = build_model(config["model"], device)
+    if use_ema and "ema" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {path!r} holds no EMA weights (use --no-ema)")
+    if not use_ema and "model" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {path!r} holds only EMA weights (use --ema)")
+    weights = state["ema"] if use_ema else state["model"]
+    ckpt.load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+                      "EMA" if use_ema else "model", path)
+    return model.eval(), build_diffusion(config["diffusion"]), state
+
+
+# ---------------------------------------------------------------- sampling (sharded over ranks)
+
+@torch.no_grad()
+def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, eta=0.0, seed=0, dist_info=None,
+             progress=False):
+    """n samples [n, C, H, W] in [-1, 1] on the CPU (on every rank).
+
+    Batch b is drawn from a generator seeded with (seed, b), and batches are dealt to ranks
+    round-robin, so the samples do not depend on the number of processes.
+    """
+    if sampler not in ("ddpm", "ddim"):
+        raise ConfigError(f"--sampler must be ddpm or ddim, got {sampler!r}")
+    if n < 1 or batch_size < 1:
+        raise ConfigError(f"--n and --batch-size must be positive, got {n} and {batch_size}")
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    device = next(model.parameters()).device
+    config = model.config
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    mine = {}
+    for b in range(rank, len(sizes), world):
+        generator = torch.Generator(device).manual_seed(mix_seed(seed, b))
+        shape = (sizes[b], config["in_channels"], config["image_size"], config["image_size"])
+        if sampler == "ddpm":
+            x = diffusion.p_sample_loop(model, shape, generator=generator, progress=progress)
+        else:
+            x = diffusion.ddim_sample_loop(model, shape, num_steps=steps, eta=eta, generator=generator,
+                                           progress=progress)
+        mine[b] = x.float().clamp(-1, 1)
+    if world == 1:
+        return torch.cat([mine[b] for b in range(len(sizes))]).cpu()
+    # Gather: every rank sends a fixed-size [slots, batch, C, H, W] block, padded with zeros.
+    slots = math.ceil(len(sizes) / world)
+    shape = (slots, batch_size, config["in_channels"], config["image_size"], config["image_size"])
+    block = torch.zeros(shape, device=device)
+    for j, b in enumerate(range(rank, len(sizes), world)):
+        block[j, :sizes[b]] = mine[b]
+    gathered = [torch.empty_like(block) for _ in range(world)]
+    dist.all_gather(gathered, block)
+    return torch.cat([gathered[b % world][b // world, :sizes[b]] for b in range(len(sizes))]).cpu()
+
+
+# ---------------------------------------------------------------- training
+
+def _resolve_options(options):
+    """Options with defaults filled in; on --resume, structural options come from the checkpoint."""
+    options = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    for name, choices in (("precision", PRECISIONS), ("schedule", ("linear", "cosine")),
+                          ("prediction_type", ("epsilon", "x0", "v")), ("loss_type", ("mse", "l1", "vlb")),
+                          ("sampler", ("ddpm", "ddim"))):
+        if options[name] not in choices:
+            raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(choices)}, got {options[name]!r}")
+    for name in ("steps", "batch_size", "timesteps", "sample_n", "sample_steps"):
+        if not isinstance(options[name], int) or options[name] < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {options[name]!r}")
+    for name in ("sample_every", "ckpt_every", "warmup"):
+        if not isinstance(options[name], int) or options[name] < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer (0 = never), "
+                              f"got {options[name]!r}")
+    if not options["lr"] > 0:
+        raise ConfigError(f"--lr must be positive, got {options['lr']}")
+    if not 0 <= options["ema_decay"] < 1:
+        raise ConfigError(f"--ema-decay must lie in [0, 1), got {options['ema_decay']}")
+    if not options["grad_clip"] >= 0:
+        raise ConfigError(f"--grad-clip must be >= 0 (0 = off), got {options['grad_clip']}")
+    return options
+
+
+def _lr_at(step, lr, warmup):
+    """Linear warm-up over the first ``warmup`` steps, then constant."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup else lr
+
+
+def train(**options):
+    """Trains a model; returns {"step", "checkpoint", "loss"}. Options: see ``DEFAULTS``.
+
+    Raises DataError, CheckpointError, ConfigError or TrainingDiverged with a message for the user.
+    """
+    progress = options.pop("progress", True)
+    resume = options.pop("resume", None)
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise ConfigError(f"unknown training options {unknown}")
+    out = given.get("out", DEFAULTS["out"])
+    state = None
+    if resume:
+        path = os.path.join(out, CHECKPOINT_NAME) if resume == "auto" else resume
+        state = ckpt.load(path)
+        saved = state["config"].get("train")
+        if not isinstance(saved, dict) or "model" not in state or "optimizer" not in state:
+            raise ckpt.CheckpointError(f"checkpoint {path!r} is not a training checkpoint (it holds no "
+                                       f"optimizer state); start a new run instead of --resume")
+        conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {saved.get(k)!r})"
+                     for k in STRUCTURAL_OPTIONS if k in given and given[k] != saved.get(k)]
+        if conflicts:
+            raise ckpt.CheckpointError(f"checkpoint {path!r} comes from another configuration: "
+                                       f"{', '.join(conflicts)}; drop these options to resume, or start a new run")
+        given.setdefault("out", os.path.dirname(os.path.abspath(path)))  # keep writing next to the checkpoint
+        # Every option not given again continues with the checkpoint's value (lr, EMA decay, ...).
+        given = {**{k: v for k, v in saved.items() if k in DEFAULTS and v is not None}, **given}
+    options = _resolve_options(given)
+
+    world = Dist(options["device"])
+    try:
+        return _train(options, state, world, progress)
+    finally:
+        world.close()
+
+
+def _train(options, state, world, progress):
+    device, seed = world.device, options["seed"]
+    precision = PRECISIONS[options["precision"]]
+    if options["batch_size"] % world.world_size:
+        raise ConfigError(f"--batch-size {options['batch_size']} must be divisible by the number of processes "
+                          f"({world.world_size}): each rank takes batch_size / world_size samples")
+
+    data = options["data"]
+    images = load_dataset(data, "train", image_size=options["image_size"])
+    channels, image_size = images.shape[1], images.shape[-1]
+    preset = options["preset"] or ("digits" if data == "digits" else "cifar10")
+    options = dict(options, preset=preset, image_size=image_size)
+
+    config = {
+        "model": model_config_for(preset, channels, image_size, options["ch"], options["ch_mult"]),
+        "diffusion": dict(num_timesteps=options["timesteps"], schedule=options["schedule"],
+                          prediction_type=options["prediction_type"]),
+        "train": {k: v for k, v in options.items() if k not in ("device", "resume", "progress")},
+    }
+    if state is not None and state["config"]["model"] != config["model"]:
+        raise ckpt.CheckpointError(f"the checkpoint's model config {state['config']['model']} differs from "
+                                   f"this run's {config['model']}")
+
+    torch.manual_seed(seed)  # the initial weights: identical on every rank
+    model = build_model(config["model"], device)
+    diffusion = build_diffusion(config["diffusion"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options["lr"], weight_decay=options["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=precision is torch.float16)
+    ema = EMA(model, options["ema_decay"])
+    ema_model = build_model(config["model"], device).eval().requires_grad_(False)
+    step = 0
+    checkpoint_path = os.path.join(options["out"], CHECKPOINT_NAME)
+    if state is not None:
+        ckpt.load_weights(model, state["model"], "model", checkpoint_path)
+        ckpt.load_weights(ema, state["ema"], "EMA", checkpoint_path)
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            scaler.load_state_dict(state["scaler"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            raise ckpt.CheckpointError(f"the optimizer state in the checkpoint does not fit: {error}") from None
+        step = int(state["step"])
+        ckpt.set_rng_states(state["rng"])
+    if step >= options["steps"]:
+        raise ConfigError(f"the checkpoint is at step {step}, --steps {options['steps']} is already reached "
+                          f"(pass a larger --steps to train further)")
+
+    train_model = model
+    if world.world_size > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    sampler = StepSampler(len(images), options["batch_size"], seed, world.rank, world.world_size)
+    total, last_good, loss_value = options["steps"], (checkpoint_path if state is not None else None), None
+
+    def save_checkpoint(done):
+        if world.main:
+            ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "step": done, "rng": ckpt.rng_states(), "config": config},
+                      checkpoint_path)
+        world.barrier()
+
+    def write_samples(done):
+        ema.copy_to(ema_model)
+        samples = generate(ema_model, diffusion, options["sample_n"], batch_size=options["sample_n"],
+                           sampler=options["sampler"], steps=options["sample_steps"], seed=seed, dist_info=world)
+        if world.main:
+            save_grid(samples, os.path.join(options["out"], "samples", f"step_{done:07d}.png"))
+
+    bar = None
+    if progress and world.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    model.train()
+    while step < total:
+        # Everything random in this step is a function of (seed, step, rank): resuming reproduces it.
+        # t and the noise are drawn for the whole global batch and sliced, as the data is, so the
+        # run does not depend on the number of processes; dropout differs per rank.
+        x = images[sampler.indices(step)].to(device, non_blocking=True)
+        generator = torch.Generator(device).manual_seed(mix_seed(seed, step))
+        t = torch.randint(0, diffusion.num_timesteps, (options["batch_size"],), device=device, generator=generator)
+        noise = torch.randn((options["batch_size"], *x.shape[1:]), device=device, generator=generator)
+        mine = slice(world.rank * len(x), (world.rank + 1) * len(x))
+        t, noise = t[mine], noise[mine]
+        torch.manual_seed(mix_seed(seed, step, world.rank))
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, options["lr"], options["warmup"])
+        with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
+            loss = diffusion.p_losses(train_model, x, t, noise=noise, loss_type=options["loss_type"])
+        reported = loss.detach().float()
+        if world.world_size > 1:
+            dist.all_reduce(reported)  # every rank sees the same value, so all stop together
+            reported /= world.world_size
+        loss_value = reported.item()
+        if not math.isfinite(loss_value):
+            kept = (f"the last good checkpoint {last_good!r} is intact" if last_good
+                    else "no checkpoint was written yet")
+            raise TrainingDiverged(
+                f"the loss became {loss_value} at step {step + 1}; training stopped and {kept}. "
+                f"Try a lower --lr (now {options['lr']}), a longer --warmup, --grad-clip 1.0, or --precision "
+                f"bf16/fp32 instead of fp16, then --resume from the last checkpoint or start again.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if options["grad_clip"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options["grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        ema.update(model, step)
+        step += 1
+
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+        if options["sample_every"] and step % options["sample_every"] == 0:
+            write_samples(step)
+        if step == total or (options["ckpt_every"] and step % options["ckpt_every"] == 0):
+            save_checkpoint(step)
+            last_good = checkpoint_path
+    if bar is not None:
+        bar.close()
+    return {"step": step, "checkpoint": checkpoint_path, "loss": loss_value}
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def eval_bpd(model, diffusion, images, *, batch_size=64, seed=0, dist_info=None, progress=False):
+    """Per-image VLB in bits/dim of ``images`` ([N, C, H, W] in [-1, 1]), sharded over ranks."""
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
+    device = next(model.parameters()).device
+    totals = torch.zeros(len(images), device=device)
+    for b, start in enumerate(range(0, len(images), batch_size)):
+        if b % world != rank:
+            continue
+        generator = torch.Generator(device).manual_seed(mix_seed(seed, b))
+        x = images[start:start + batch_size].to(device)
+        terms = diffusion.calc_bpd_loop(model, x, generator=generator, progress=progress)
+        totals[start:start + len(x)] = terms["total_bpd"].float()
+    if world > 1:
+        dist.all_reduce(totals)  # each image was filled in by exactly one rank
+    return totals.cpu()
+
+
+def export_ema(source, destination, half=False):
+    """Writes a sampling-only checkpoint (config + EMA weights) from a training checkpoint."""
+    state = ckpt.load(source)
+    if "ema" not in state:
+        raise ckpt.CheckpointError(f"checkpoint {source!r} holds no EMA weights")
+    weights = {k: v.half() if half and v.is_floating_point() else v for k, v in state["ema"].items()}
+    ckpt.save({"config": state["config"], "ema": weights, "step": state.get("step", 0)}, destination)
+
+
+__all__ = ["train", "generate", "eval_bpd", "export_ema", "load_for_sampling", "ConfigError", "TrainingDiverged",
+           "DataError"]

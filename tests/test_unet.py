@@ -97,7 +97,7 @@ def test_from_preset_bad_name_lists_presets():
 
 
 def test_bad_constructor_arguments():
-    with pytest.raises(ValueError, match="divisible by the 32 GroupNorm groups"):
+    with pytest.raises(ValueError, match="divisible by num_groups=32"):
         UNet(ch=48)
     with pytest.raises(ValueError, match="image_size must be divisible"):
         UNet(image_size=30)

@@ -20,7 +20,7 @@ from torch import nn
 from .. import backends
 from .group_norm_silu import GroupNormSiLU
 
-NUM_GROUPS = 32  # GroupNorm groups everywhere, as in the paper
+NUM_GROUPS = 32  # GroupNorm groups, as in the paper (the default of UNet(num_groups=...))
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -41,21 +41,21 @@ class GroupNormThenSiLU(nn.GroupNorm):
         return F.silu(super().forward(x))
 
 
-def norm_silu(channels, fused, backend):
+def norm_silu(channels, fused, backend, num_groups=NUM_GROUPS):
     if fused:
-        return GroupNormSiLU(NUM_GROUPS, channels, backend=backend)
-    return GroupNormThenSiLU(NUM_GROUPS, channels)
+        return GroupNormSiLU(num_groups, channels, backend=backend)
+    return GroupNormThenSiLU(num_groups, channels)
 
 
 class ResBlock(nn.Module):
     """x + conv(dropout(norm_silu(conv(norm_silu(x)) + temb_proj(emb)))), with a 1x1 shortcut if channels change."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout, fused, backend):
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, fused, backend, num_groups=NUM_GROUPS):
         super().__init__()
-        self.norm1 = norm_silu(in_ch, fused, backend)
+        self.norm1 = norm_silu(in_ch, fused, backend, num_groups)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = norm_silu(out_ch, fused, backend)
+        self.norm2 = norm_silu(out_ch, fused, backend, num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -71,9 +71,9 @@ class ResBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection."""
 
-    def __init__(self, channels):
+    def __init__(self, channels, num_groups=NUM_GROUPS):
         super().__init__()
-        self.norm = nn.GroupNorm(NUM_GROUPS, channels)  # no SiLU here: a plain GroupNorm
+        self.norm = nn.GroupNorm(num_groups, channels)  # no SiLU here: a plain GroupNorm
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
 
@@ -122,26 +122,29 @@ class UNet(nn.Module):
         "tiny": dict(in_channels=3, image_size=32, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                      attn_resolutions=(16,), dropout=0.0),
         # sklearn's 8x8 digits: the model shipped in the package.
+        # 8 groups: with 32 groups of one channel each, GroupNorm would cancel the time embedding.
         "digits": dict(in_channels=1, image_size=8, ch=32, ch_mult=(1, 2), num_res_blocks=1,
-                       attn_resolutions=(4,), dropout=0.0),
+                       attn_resolutions=(4,), dropout=0.0, num_groups=8),
     }
 
     def __init__(self, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(16,), dropout=0.1, image_size=32, fused=True, backend="auto"):
+                 attn_resolutions=(16,), dropout=0.1, image_size=32, fused=True, backend="auto",
+                 num_groups=NUM_GROUPS):
         super().__init__()
         ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
-        self._check_config(in_channels, out_channels, ch, ch_mult, num_res_blocks, dropout, image_size)
+        self._check_config(in_channels, out_channels, ch, ch_mult, num_res_blocks, dropout, image_size, num_groups)
         backends.check_name(backend)
         self._config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=list(ch_mult),
                             num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
-                            dropout=dropout, image_size=image_size, fused=bool(fused), backend=backend)
+                            dropout=dropout, image_size=image_size, fused=bool(fused), backend=backend,
+                            num_groups=num_groups)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_levels = len(ch_mult)
         temb_ch = 4 * ch
 
         def res_block(cin, cout):
-            return ResBlock(cin, cout, temb_ch, dropout, fused, backend)
+            return ResBlock(cin, cout, temb_ch, dropout, fused, backend, num_groups)
 
         # Timestep MLP; the SiLU every ResBlock applies to the embedding is done once, at its end.
         self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch), nn.SiLU())
@@ -156,7 +159,7 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks):
                 stage.blocks.append(res_block(cur, ch * mult))
                 cur = ch * mult
-                stage.attns.append(AttnBlock(cur) if resolution in attn_resolutions else nn.Identity())
+                stage.attns.append(AttnBlock(cur, num_groups) if resolution in attn_resolutions else nn.Identity())
                 skip_chs.append(cur)
             if level != self.num_levels - 1:
                 stage.downsample = Downsample(cur)
@@ -164,7 +167,7 @@ class UNet(nn.Module):
                 resolution //= 2
             self.down.append(stage)
 
-        self.mid = nn.ModuleList([res_block(cur, cur), AttnBlock(cur), res_block(cur, cur)])
+        self.mid = nn.ModuleList([res_block(cur, cur), AttnBlock(cur, num_groups), res_block(cur, cur)])
 
         # Upsampling path: one more block per level than going down, each taking a skip connection.
         self.up = nn.ModuleList()
@@ -174,29 +177,29 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 stage.blocks.append(res_block(cur + skip_chs.pop(), ch * mult))
                 cur = ch * mult
-                stage.attns.append(AttnBlock(cur) if resolution in attn_resolutions else nn.Identity())
+                stage.attns.append(AttnBlock(cur, num_groups) if resolution in attn_resolutions else nn.Identity())
             if level != 0:
                 stage.upsample = Upsample(cur)
                 resolution *= 2
             self.up.append(stage)
 
-        self.norm_out = norm_silu(cur, fused, backend)
+        self.norm_out = norm_silu(cur, fused, backend, num_groups)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
         self._init_weights()
 
     @staticmethod
-    def _check_config(in_channels, out_channels, ch, ch_mult, num_res_blocks, dropout, image_size):
+    def _check_config(in_channels, out_channels, ch, ch_mult, num_res_blocks, dropout, image_size, num_groups):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("ch", ch),
-                            ("image_size", image_size)):
+                            ("image_size", image_size), ("num_groups", num_groups)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(num_res_blocks, int) or num_res_blocks < 1:
             raise ValueError(f"num_res_blocks must be a positive int, got {num_res_blocks!r}")
         if not ch_mult or not all(isinstance(m, int) and m >= 1 for m in ch_mult):
             raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult!r}")
-        bad = [ch * m for m in ch_mult if (ch * m) % NUM_GROUPS]
+        bad = [ch * m for m in ch_mult if (ch * m) % num_groups]
         if bad:
-            raise ValueError(f"every ch * ch_mult must be divisible by the {NUM_GROUPS} GroupNorm groups, "
+            raise ValueError(f"every ch * ch_mult must be divisible by num_groups={num_groups}, "
                              f"got ch={ch}, ch_mult={ch_mult} (channels {bad})")
         factor = 2 ** (len(ch_mult) - 1)
         if image_size % factor:

@@ -13,13 +13,18 @@ layout differs from the contract that every backend shares.
 import triton
 import triton.language as tl
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-PHILOX_ROUNDS: tl.constexpr = 10
-TWO_PI: tl.constexpr = 6.283185307179586
-TWO_POW_MINUS_24: tl.constexpr = 5.960464477539063e-08
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+PHILOX_ROUNDS = tl.constexpr(10)
+TWO_PI = tl.constexpr(6.283185307179586)
+TWO_POW_MINUS_24 = tl.constexpr(5.960464477539063e-08)
+TWO_OVER_PI = tl.constexpr(0.6366197723675814)
+# pi / 2 = PIO2_HI + PIO2_MID + PIO2_LO; the first two have few significant bits.
+PIO2_HI = tl.constexpr(1.5703125)
+PIO2_MID = tl.constexpr(4.837512969970703125e-4)
+PIO2_LO = tl.constexpr(7.549789954891882e-8)
 
 
 @triton.jit
@@ -48,10 +53,36 @@ def _uniform(r):
 
 
 @triton.jit
+def _sincos(theta):
+    """(cos(theta), sin(theta)) for theta in [0, 2 pi]: one quadrant reduction, two polynomials.
+
+    Unlike tl.cos / tl.sin this has no slow path for huge arguments, which costs registers
+    (and spills) although it never runs here. Cody-Waite reduction by pi / 2 in three parts
+    (q <= 4, so each q * part is exact), then the Cephes sinf / cosf minimax polynomials on
+    [-pi/4, pi/4]: within about 1e-7 of cos / sin of the float32 theta.
+    """
+    q = tl.floor(theta * TWO_OVER_PI + 0.5)
+    x = theta - q * PIO2_HI
+    x = x - q * PIO2_MID
+    x = x - q * PIO2_LO
+    z = x * x
+    sin_x = ((-1.9515295891e-4 * z + 8.3321608736e-3) * z - 1.6666654611e-1) * z * x + x
+    cos_x = ((2.443315711809948e-5 * z - 1.388731625493765e-3) * z + 4.166664568298827e-2) * z * z - 0.5 * z + 1.0
+    # theta = quadrant * pi / 2 + x
+    quadrant = q.to(tl.int32) & 3
+    odd = (quadrant & 1) != 0
+    cos_v = tl.where(odd, sin_x, cos_x)
+    sin_v = tl.where(odd, cos_x, sin_x)
+    cos_v = tl.where(((quadrant + 1) & 2) != 0, -cos_v, cos_v)  # quadrants 1, 2
+    sin_v = tl.where((quadrant & 2) != 0, -sin_v, sin_v)  # quadrants 2, 3
+    return cos_v, sin_v
+
+
+@triton.jit
 def _box_muller(u_radius, u_angle):
     radius = tl.sqrt(-2.0 * tl.log(u_radius))
-    theta = TWO_PI * u_angle
-    return radius * tl.cos(theta), radius * tl.sin(theta)
+    cos_v, sin_v = _sincos(u_angle * TWO_PI)  # theta rounded to float32, as in the reference
+    return radius * cos_v, radius * sin_v
 
 
 @triton.jit

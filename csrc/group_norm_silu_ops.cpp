@@ -131,11 +131,12 @@ Tensors group_norm_silu_backward_cpu(const at::Tensor& grad_y, const at::Tensor&
   const Prepared p = prepare(op, x, weight, bias, num_groups);
   const BackwardArgs a = check_backward(op, grad_y, p, mean, rstd);
   at::Tensor grad_x = at::empty_like(p.x);
-  at::Tensor grads = at::empty({2, p.shape.c}, p.x.options().dtype(at::kFloat));  // dgamma, dbeta in float32
+  // dgamma, dbeta in float32 (separate tensors: outputs must not alias)
+  at::Tensor grad_w = at::empty({p.shape.c}, p.x.options().dtype(at::kFloat)), grad_b = at::empty_like(grad_w);
   cpu::group_norm_silu_backward_cpu(a.grad_y, p.x, ptr_or_null(p.weight), ptr_or_null(p.bias),
                                     a.mean.const_data_ptr<float>(), a.rstd.const_data_ptr<float>(), grad_x,
-                                    grads[0].mutable_data_ptr<float>(), grads[1].mutable_data_ptr<float>(), p.shape);
-  return {grad_x, param_grad(weight, grads[0], x), param_grad(bias, grads[1], x)};
+                                    grad_w.mutable_data_ptr<float>(), grad_b.mutable_data_ptr<float>(), p.shape);
+  return {grad_x, param_grad(weight, grad_w, x), param_grad(bias, grad_b, x)};
 }
 
 #ifdef DDPM_FAST_WITH_CUDA
@@ -168,14 +169,14 @@ Tensors group_norm_silu_backward_cuda(const at::Tensor& grad_y, const at::Tensor
   c10::DeviceGuard guard(p.x.device());
   at::Tensor grad_x = at::empty_like(p.x);
   const auto f32 = p.x.options().dtype(at::kFloat);
-  at::Tensor grads = at::empty({2, p.shape.c}, f32);
+  at::Tensor grad_w = at::empty({p.shape.c}, f32), grad_b = at::empty_like(grad_w);
   at::Tensor workspace = at::empty({2 * p.shape.n * p.shape.c + 2 * p.shape.n * p.shape.groups}, f32);
   check_launch(op, gns_backward_cuda(a.grad_y.const_data_ptr(), p.x.const_data_ptr(), ptr_or_null(p.weight),
                                      ptr_or_null(p.bias), a.mean.const_data_ptr<float>(),
                                      a.rstd.const_data_ptr<float>(), grad_x.mutable_data_ptr(),
-                                     grads[0].mutable_data_ptr<float>(), grads[1].mutable_data_ptr<float>(),
+                                     grad_w.mutable_data_ptr<float>(), grad_b.mutable_data_ptr<float>(),
                                      workspace.mutable_data_ptr<float>(), p.shape, current_stream(p.x)));
-  return {grad_x, param_grad(weight, grads[0], x), param_grad(bias, grads[1], x)};
+  return {grad_x, param_grad(weight, grad_w, x), param_grad(bias, grad_b, x)};
 }
 #endif
 

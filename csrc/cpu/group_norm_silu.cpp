@@ -181,8 +181,23 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean_
   const float d = static_cast<float>(cg * s);
   // Per (sample, channel) scale and shift, filled by the statistics pass.
   std::vector<float> scale(sh.n * c), shift(sh.n * c);
+  auto apply_rows = [&](int64_t begin, int64_t end, float* xbuf, float* ybuf) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* xf = as_float(x + row * c, c, xbuf);
+      float* yf = float_out(y + row * c, ybuf);
+      const float* sc = scale.data() + (row / s) * c;
+      const float* sf = shift.data() + (row / s) * c;
+      for_vec(c, [&](int64_t i, int64_t k) {
+        gns::silu(at::vec::fmadd(Vec::loadu(xf + i, k), Vec::loadu(sc + i, k), Vec::loadu(sf + i, k))).store(yf + i, k);
+      });
+      store_from(yf, y + row * c, c);
+    }
+  };
+  // With a sample per core or more, each sample is written while it is still in cache;
+  // otherwise the write pass is split over rows so that every core works.
+  const bool write_per_sample = sh.n >= at::get_num_threads();
   at::parallel_for(0, sh.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf = scratch<T>(c), sums(c), mean_c(c);
+    std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c), sums(c), mean_c(c);
     for (int64_t n = begin; n < end; ++n) {
       const T* xs = x + n * s * c;
       channel_sums(xs, s, c, sums.data(), xbuf.data(), [&](const float* row, int64_t, float* acc) {
@@ -210,22 +225,15 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean_
           shift[n * c + ch] = beta_at(b, ch) - mean * scale[n * c + ch];
         }
       }
+      if (write_per_sample) apply_rows(n * s, (n + 1) * s, xbuf.data(), ybuf.data());
     }
   });
-  // The write pass is split over rows, so a small batch still uses every core.
-  at::parallel_for(0, sh.n * s, kRowChunk, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c);
-    for (int64_t row = begin; row < end; ++row) {
-      const float* xf = as_float(x + row * c, c, xbuf.data());
-      float* yf = float_out(y + row * c, ybuf.data());
-      const float* sc = scale.data() + (row / s) * c;
-      const float* sf = shift.data() + (row / s) * c;
-      for_vec(c, [&](int64_t i, int64_t k) {
-        gns::silu(at::vec::fmadd(Vec::loadu(xf + i, k), Vec::loadu(sc + i, k), Vec::loadu(sf + i, k))).store(yf + i, k);
-      });
-      store_from(yf, y + row * c, c);
-    }
-  });
+  if (!write_per_sample) {
+    at::parallel_for(0, sh.n * s, kRowChunk, [&](int64_t begin, int64_t end) {
+      std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c);
+      apply_rows(begin, end, xbuf.data(), ybuf.data());
+    });
+  }
 }
 
 // -------------------------------------------------------------------------------- backward
@@ -262,11 +270,13 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
         const float scale = gamma_at(w, c0 + ci) * rstd[ng];
         const Vec vscale(scale), vshift(beta_at(b, c0 + ci) - mean[ng] * scale);
         const float *xr = xf + ci * sh.s, *dyr = dyf + ci * sh.s;
+        float* gr = dxf + ci * sh.s;  // g is kept where dx goes, for the second pass
         Vec acc_g(0.0f), acc_gx(0.0f);
         for_vec(sh.s, [&](int64_t i, int64_t k) {
           const Vec xv = Vec::loadu(xr + i, k);
           // Zero lanes of a partial dy load give g = 0: nothing is added for them.
           const Vec g = Vec::loadu(dyr + i, k) * gns::silu_grad(at::vec::fmadd(xv, vscale, vshift));
+          g.store(gr + i, k);
           acc_g += g;
           acc_gx = at::vec::fmadd(g, (xv - vmean) * vrstd, acc_gx);
         });
@@ -278,14 +288,12 @@ void backward_nchw(const T* dy, const T* x, const float* w, const float* b, cons
       }
       const Vec vc1(c1 / static_cast<float>(d)), vc2(c2 / static_cast<float>(d));
       for (int64_t ci = 0; ci < cg; ++ci) {
-        const float gamma = gamma_at(w, c0 + ci), scale = gamma * rstd[ng];
-        const Vec vgamma(gamma), vscale(scale), vshift(beta_at(b, c0 + ci) - mean[ng] * scale);
-        const float *xr = xf + ci * sh.s, *dyr = dyf + ci * sh.s;
+        const Vec vgamma(gamma_at(w, c0 + ci));
+        const float* xr = xf + ci * sh.s;
         float* dxr = dxf + ci * sh.s;
         for_vec(sh.s, [&](int64_t i, int64_t k) {
-          const Vec xv = Vec::loadu(xr + i, k);
-          const Vec g = Vec::loadu(dyr + i, k) * gns::silu_grad(at::vec::fmadd(xv, vscale, vshift));
-          gns::dx_from(g * vgamma, (xv - vmean) * vrstd, vrstd, vc1, vc2).store(dxr + i, k);
+          const Vec g = Vec::loadu(dxr + i, k);
+          gns::dx_from(g * vgamma, (Vec::loadu(xr + i, k) - vmean) * vrstd, vrstd, vc1, vc2).store(dxr + i, k);
         });
       }
       store_from(dxf, dx + ng * d, d);
@@ -304,6 +312,9 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
   enum { kScale, kShift, kMean, kRstd, kGamma, kC1, kC2, kParams };
   std::vector<float> params(sh.n * kParams * c);
   auto param = [&](int64_t n, int which) { return params.data() + (n * kParams + which) * c; };
+  // g = dy * silu'(z) of the first pass, kept for the second: in dx itself for float data.
+  std::vector<float> g_store = scratch<T>(sh.n * s * c);
+  auto g_rows = [&](int64_t row) { return float_out(dx, g_store.data()) + row * c; };
   at::parallel_for(0, sh.n, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> dybuf = scratch<T>(c), xbuf = scratch<T>(c);
     for (int64_t n = begin; n < end; ++n) {
@@ -325,10 +336,12 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
         for (int64_t r = r0; r < std::min(s, r0 + kRowChunk); ++r) {
           const float* xr = as_float(xs + r * c, c, xbuf.data());
           const float* dyr = as_float(dys + r * c, c, dybuf.data());
+          float* gr = g_rows(n * s + r);
           for_vec(c, [&](int64_t i, int64_t k) {
             const Vec xv = Vec::loadu(xr + i, k);
             const Vec g = Vec::loadu(dyr + i, k) *
                           gns::silu_grad(at::vec::fmadd(xv, Vec::loadu(sc + i, k), Vec::loadu(sf + i, k)));
+            g.store(gr + i, k);
             const Vec xhat = (xv - Vec::loadu(mc + i, k)) * Vec::loadu(rc + i, k);
             (Vec::loadu(partial.data() + i, k) + g).store(partial.data() + i, k);
             at::vec::fmadd(g, xhat, Vec::loadu(partial.data() + c + i, k)).store(partial.data() + c + i, k);
@@ -352,23 +365,20 @@ void backward_nhwc(const T* dy, const T* x, const float* w, const float* b, cons
     }
   });
   at::parallel_for(0, sh.n * s, kRowChunk, [&](int64_t begin, int64_t end) {
-    std::vector<float> dybuf = scratch<T>(c), xbuf = scratch<T>(c), dxbuf = scratch<T>(c);
+    std::vector<float> xbuf = scratch<T>(c);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t n = row / s;
-      const float *sc = param(n, kScale), *sf = param(n, kShift), *mc = param(n, kMean), *rc = param(n, kRstd);
+      const float *mc = param(n, kMean), *rc = param(n, kRstd);
       const float *gm = param(n, kGamma), *c1 = param(n, kC1), *c2 = param(n, kC2);
       const float* xr = as_float(x + row * c, c, xbuf.data());
-      const float* dyr = as_float(dy + row * c, c, dybuf.data());
-      float* dxr = float_out(dx + row * c, dxbuf.data());
+      float* gr = g_rows(row);  // g in, dx out
       for_vec(c, [&](int64_t i, int64_t k) {
-        const Vec xv = Vec::loadu(xr + i, k), rs = Vec::loadu(rc + i, k);
-        const Vec g = Vec::loadu(dyr + i, k) *
-                      gns::silu_grad(at::vec::fmadd(xv, Vec::loadu(sc + i, k), Vec::loadu(sf + i, k)));
-        gns::dx_from(g * Vec::loadu(gm + i, k), (xv - Vec::loadu(mc + i, k)) * rs, rs, Vec::loadu(c1 + i, k),
-                     Vec::loadu(c2 + i, k))
-            .store(dxr + i, k);
+        const Vec rs = Vec::loadu(rc + i, k);
+        gns::dx_from(Vec::loadu(gr + i, k) * Vec::loadu(gm + i, k), (Vec::loadu(xr + i, k) - Vec::loadu(mc + i, k)) * rs,
+                     rs, Vec::loadu(c1 + i, k), Vec::loadu(c2 + i, k))
+            .store(gr + i, k);
       });
-      store_from(dxr, dx + row * c, c);
+      store_from(gr, dx + row * c, c);
     }
   });
   reduce_over_batch(ds, db, dw, dbias, sh.n, c);

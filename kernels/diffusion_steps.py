@@ -81,7 +81,8 @@ def _coef(table_ptr, t_a, t_b, use_b, COLUMN: tl.constexpr, COLUMNS: tl.constexp
 
 @triton.jit
 def _noise(noise_ptr, seed_ptr, offs, mask, start, NOISE: tl.constexpr, BLOCK: tl.constexpr):
-    """z in fp32: given, drawn in-kernel (Philox, storage index order), or 0."""
+    """z in fp32: given (NOISE_GIVEN = 1), drawn in-kernel (NOISE_DRAWN = 2: Philox, in storage
+    index order) or 0 (NOISE_NONE = 0)."""
     if NOISE == 1:
         return tl.load(noise_ptr + offs, mask=mask).to(tl.float32)
     elif NOISE == 2:

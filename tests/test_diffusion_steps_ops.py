@@ -209,7 +209,7 @@ def test_opcheck(backend, device):
         torch.library.opcheck(getattr(ns, name), (x.detach(), m, t, table, False, None, seed))
 
 
-@pytest.mark.parametrize("backend,device", [p for p in BACKENDS if p.id == "cpu"])
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_compiles_without_graph_break(backend, device):
     x, m, noise, t = _inputs((2, 3, 5, 5), "contiguous", torch.float32, device)
     q_table, table = _tables(device)

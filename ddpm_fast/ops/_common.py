@@ -30,7 +30,9 @@ def check_timesteps(t, batch_size, num_timesteps, device, name="t"):
 
     The range is checked on the host for CPU tensors. On CUDA tensors it is not, since that
     would need a host sync: there the kernels' gather (torch.index_select, or the fused
-    kernel's own check) stops with a device-side assert on an out-of-range t.
+    kernel's own check) stops with a device-side assert on an out-of-range t. Inside
+    torch.compile the host check is left to the kernels too (the C++ CPU kernels check t
+    before reading the table), so a compiled graph has no break.
     """
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
@@ -40,7 +42,7 @@ def check_timesteps(t, batch_size, num_timesteps, device, name="t"):
         raise ValueError(f"{name} must have shape [batch_size] = [{batch_size}], got {list(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} must be on the device of the input ({device}), got {t.device}")
-    if t.device.type == "cpu" and t.numel():
+    if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= num_timesteps:
             raise ValueError(f"{name} must lie in [0, {num_timesteps}), got values from {low} to {high}")

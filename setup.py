@@ -58,9 +58,9 @@ def _nvcc(cuda_home):
 
 def _x86_simd_flags():
     # The CPU kernels use ATen's Vectorized<float> (SLEEF log/sin/cos) at AVX2 width.
-    # ddpm_fast/_ext.py refuses to load the extension on a CPU without AVX2 and FMA.
+    # ddpm_fast/_ext.py refuses to load the extension on a CPU without AVX2, FMA and F16C.
     if platform.machine().lower() in ("x86_64", "amd64") and _env_flag("DDPM_FAST_NO_AVX2") is not True:
-        return ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], True
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"], True
     return [], False
 
 

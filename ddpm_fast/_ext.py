@@ -35,8 +35,8 @@ def _why_not(info):
         return (f"it was built against torch {info.TORCH_VERSION} but torch {torch.__version__} "
                 "is running (reinstall ddpm_fast with `pip install --no-build-isolation .`)")
     flags = _cpu_flags()
-    if info.AVX2 and flags is not None and not {"avx2", "fma"} <= flags:
-        return "it was compiled for AVX2+FMA, which this CPU lacks (rebuild with DDPM_FAST_NO_AVX2=1)"
+    if info.AVX2 and flags is not None and not {"avx2", "fma", "f16c"} <= flags:
+        return "it was compiled for AVX2, FMA and F16C, which this CPU lacks (rebuild with DDPM_FAST_NO_AVX2=1)"
     return None
 
 

@@ -82,8 +82,8 @@ void philox_normals(uint64_t seed, int64_t start, int64_t n, float* z) {
   }
 }
 
-// dtype <-> float32. c10::Half's own conversion uses F16C instructions under CPU_CAPABILITY_AVX2,
-// which the build does not enable (-mavx2 -mfma only); the portable bit conversion needs none.
+// dtype <-> float32, round to nearest even (the portable bit conversion, independent of the
+// instruction set the file is compiled for).
 inline float to_float(float v) { return v; }
 inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float to_float(c10::Half v) { return c10::detail::fp16_ieee_to_fp32_value(v.x); }

@@ -41,6 +41,8 @@ _MAX_TILE = 16384
 _CHUNK_TILE = 4096
 # channels_last: bytes of contiguous channels a program should read per spatial position.
 _ROW_BYTES = 128
+# ... but not at the cost of parallelism: on a GPU, keep at least this many programs per SM.
+_MIN_PROGRAMS_PER_SM = 2
 
 # ----------------------------------------------------------------------------- device helpers
 
@@ -370,8 +372,11 @@ def _plan(x, num_groups):
         # Several groups per program, so each spatial position is one contiguous run of channels;
         # gpp divides num_groups so every program owns whole groups.
         tile_limit = _MAX_TILE if one_tile else _CHUNK_TILE
-        for d in range(1, num_groups + 1):
-            if num_groups % d or d * cg * x.element_size() > _ROW_BYTES:
+        min_programs = 0  # the CPU interpreter: fewer, larger programs are cheaper
+        if x.is_cuda:
+            min_programs = _MIN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+        for d in range(2, num_groups + 1):
+            if num_groups % d or d * cg * x.element_size() > _ROW_BYTES or x.shape[0] * num_groups // d < min_programs:
                 continue
             if (_next_pow2(spatial) if one_tile else 1) * _next_pow2(d * cg) <= tile_limit:
                 gpp = d

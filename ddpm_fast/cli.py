@@ -92,6 +92,8 @@ def build_parser():
                         help="ddpm: all T ancestral steps; ddim: --steps steps")
     sample.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
     sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
+    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                        help="clamp the predicted x_0 to [-1, 1] at every step")
     sample.add_argument("--seed", type=int, default=0, help="seed of the samples")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write")
     sample.add_argument("--npz", help="also save the raw samples to this .npz file")
@@ -143,7 +145,7 @@ def _run_sample(args):
         path = args.ckpt or checkpoint.shipped_path()
         model, diffusion, _ = load_for_sampling(path, world.device, use_ema=args.ema)
         samples = generate(model, diffusion, args.n, batch_size=args.batch_size, sampler=args.sampler,
-                           steps=args.steps, eta=args.eta, seed=args.seed, dist_info=world,
+                           steps=args.steps, eta=args.eta, seed=args.seed, clip=args.clip, dist_info=world,
                            progress=args.progress and world.main)
         if world.main:
             save_grid(samples, args.out)

@@ -147,9 +147,11 @@ def load_for_sampling(path, device, use_ema=True):
 # ---------------------------------------------------------------- sampling (sharded over ranks)
 
 @torch.no_grad()
-def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, eta=0.0, seed=0, dist_info=None,
-             progress=False):
+def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, eta=0.0, seed=0, clip=True,
+             dist_info=None, progress=False):
     """n samples [n, C, H, W] in [-1, 1] on the CPU (on every rank).
+
+    clip: clamp each step's predicted x_0 to the data range [-1, 1] (fewer off-manifold samples).
 
     Batch b is drawn from a generator seeded with (seed, b), and batches are dealt to ranks
     round-robin, so the samples do not depend on the number of processes.
@@ -167,10 +169,10 @@ def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, et
         generator = torch.Generator(device).manual_seed(mix_seed(seed, b))
         shape = (sizes[b], config["in_channels"], config["image_size"], config["image_size"])
         if sampler == "ddpm":
-            x = diffusion.p_sample_loop(model, shape, generator=generator, progress=progress)
+            x = diffusion.p_sample_loop(model, shape, generator=generator, progress=progress, clip_denoised=clip)
         else:
             x = diffusion.ddim_sample_loop(model, shape, num_steps=steps, eta=eta, generator=generator,
-                                           progress=progress)
+                                           progress=progress, clip_denoised=clip)
         mine[b] = x.float().clamp(-1, 1)
     if world == 1:
         return torch.cat([mine[b] for b in range(len(sizes))]).cpu()
@@ -272,9 +274,8 @@ def _train(options, state, world, progress):
                           prediction_type=options["prediction_type"]),
         "train": {k: v for k, v in options.items() if k not in ("device", "resume", "progress")},
     }
-    if state is not None and state["config"]["model"] != config["model"]:
-        raise ckpt.CheckpointError(f"the checkpoint's model config {state['config']['model']} differs from "
-                                   f"this run's {config['model']}")
+    if state is not None:  # the network as it was built, even if its preset has changed since
+        config["model"], config["diffusion"] = state["config"]["model"], state["config"]["diffusion"]
 
     torch.manual_seed(seed)  # the initial weights: identical on every rank
     model = build_model(config["model"], device)

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The GPU checks in one short run (at most 8 minutes), on a machine with a CUDA GPU, torch,
+# triton, pytest and pytest-benchmark but no package registry:
+#   1. builds and installs ddpm_fast with its CUDA kernels (for this GPU's architecture),
+#   2. runs the whole test suite (the CUDA and Triton tests skipped on a CPU machine run here),
+#   3. runs the benchmark suite,
+#   4. writes OUTDIR/bench.json and the table OUTDIR/bench.md, with the logs beside them.
+#
+# Usage: benchmarks/gpu_check.sh OUTDIR        (run from anywhere; PYTHON picks the interpreter)
+# Exit status: 0 when every stage passed, 1 when one failed or ran out of time, 2 without a GPU.
+# OUTDIR/summary.txt lists each stage's status and duration.
+set -uo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python}
+BUDGET=${GPU_CHECK_BUDGET_S:-470}  # seconds for all stages: 8 minutes less a margin
+START=$SECONDS
+STATUS=0
+
+remaining() { echo $(( BUDGET - (SECONDS - START) )); }
+cap() { local r; r=$(remaining); echo $(( r < $1 ? r : $1 )); }  # min(remaining, $1)
+
+stage() {  # stage NAME SECONDS LOG COMMAND...: runs COMMAND under a time limit, records the outcome
+    local name=$1 limit=$2 log=$3 begin=$SECONDS rc
+    shift 3
+    if [ "$limit" -lt 10 ]; then
+        echo "$name: not run (out of time)" | tee -a "$OUT/summary.txt"
+        STATUS=1
+        return 1
+    fi
+    # SIGINT first: pytest then ends the session cleanly and pytest-benchmark still writes its JSON.
+    timeout -s INT -k 20 "$limit" "$@" > "$log" 2>&1
+    rc=$?
+    local outcome="passed"
+    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then outcome="timed out after ${limit}s"; elif [ $rc -ne 0 ]; then outcome="failed (exit $rc)"; fi
+    echo "$name: $outcome in $((SECONDS - begin))s (log: $(basename "$log"))" | tee -a "$OUT/summary.txt"
+    [ $rc -eq 0 ] || STATUS=1
+    return $rc
+}
+
+: > "$OUT/summary.txt"
+{
+    echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+    echo "commit: $(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1
+    "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)" 2>&1
+    nproc
+} > "$OUT/machine.txt"
+
+if ! "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "torch ($PY) cannot be imported or sees no CUDA device: nothing to check" | tee -a "$OUT/summary.txt"
+    # GPU_CHECK_DRY_RUN=1 checks this script itself on a CPU machine: no build, the installed package.
+    [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ] || exit 2
+fi
+
+# 1. Build for this GPU's architecture only (the shortest nvcc run); --no-index: no registry.
+cd "$REPO"
+if [ "${GPU_CHECK_DRY_RUN:-0}" = 1 ]; then
+    echo "build: skipped (dry run)" | tee -a "$OUT/summary.txt"
+else
+    ARCH=$("$PY" -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")
+    stage build "$(cap 200)" "$OUT/build.log" \
+        env DDPM_FAST_BUILD_CUDA=1 DDPM_FAST_CUDA_ARCHS="$ARCH" MAX_JOBS="$(nproc)" \
+        "$PY" -m pip install --no-build-isolation --no-deps --no-index -v . \
+        && (cd "$OUT" && "$PY" -c "import sys; from ddpm_fast import _ext; print('extension:', _ext.loaded, 'cuda:', _ext.with_cuda, _ext.reason or ''); sys.exit(0 if _ext.with_cuda else 1)") \
+            | tee -a "$OUT/summary.txt" || STATUS=1
+fi
+
+# 2-3. Run from OUTDIR so that the installed package is imported, not the source tree; Triton
+# compiles real GPU kernels (the tests' conftest only sets the interpreter when nothing is set).
+cd "$OUT"
+export TRITON_INTERPRET=0
+# Leave the benchmarks at least 150 s.
+stage tests "$(cap $(( $(remaining) - 150 )))" "$OUT/tests.log" \
+    "$PY" -m pytest "$REPO/tests" -x -q -p no:cacheprovider
+# The per-benchmark measuring time is short so the suite fits; 20 s stay for the report.
+stage benchmarks "$(cap $(( $(remaining) - 20 )))" "$OUT/bench.log" \
+    env DDPM_BENCH_TARGET_S="${DDPM_BENCH_TARGET_S:-0.15}" \
+    "$PY" -m pytest "$REPO/benchmarks" --benchmark-only --benchmark-json "$OUT/bench.json" -q -p no:cacheprovider
+
+# 4. The markdown table (also from a partial JSON, when the benchmarks ran out of time).
+if [ -s "$OUT/bench.json" ]; then
+    stage report 20 "$OUT/report.log" \
+        "$PY" "$REPO/benchmarks/report.py" "$OUT/bench.json" -o "$OUT/bench.md" \
+        --title "ddpm_fast benchmarks on $("$PY" -c "import torch; print(torch.cuda.get_device_name())" 2>/dev/null || echo "no GPU")"
+else
+    echo "report: no bench.json was written" | tee -a "$OUT/summary.txt"
+    STATUS=1
+fi
+echo "total: $((SECONDS - START))s, status $STATUS" | tee -a "$OUT/summary.txt"
+exit $STATUS

@@ -1,0 +1,172 @@
+"""The ddpm-fast command line: sample (shipped model), train, eval-bpd, export, info, bad input."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_fast import checkpoint as ckpt
+from ddpm_fast.cli import main
+
+FAST_TRAIN = ["--batch-size", "16", "--timesteps", "50", "--sample-every", "0", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 3-step digits run with T = 50 and a grid written at step 3."""
+    out = tmp_path_factory.mktemp("run")
+    argv = ["train", "--steps", "3", "--out", str(out), *FAST_TRAIN, "--sample-every", "3", "--sample-n", "4",
+            "--sample-steps", "3"]
+    assert main(argv) == 0
+    return out
+
+
+def _png(path):
+    with Image.open(path) as image:
+        image.load()
+        return np.asarray(image)
+
+
+def test_sample_without_arguments_uses_the_shipped_model(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["sample", "--n", "16"]) == 0
+    grid = _png(tmp_path / "samples.png")
+    assert grid.ndim == 2 and grid.shape[0] == grid.shape[1] > 4 * 32  # 4 x 4 tiles of 8x8 digits, enlarged
+    assert grid.std() > 10  # not a blank image
+    assert "wrote 16 samples" in capsys.readouterr().out
+    assert os.listdir(tmp_path) == ["samples.png"]  # no temporary files left
+
+
+def test_shipped_model_is_small_and_loads_weights_only():
+    path = ckpt.shipped_path()
+    assert os.path.getsize(path) < 1_000_000
+    state = torch.load(path, weights_only=True)
+    assert set(state) >= {"config", "ema"} and state["config"]["model"]["in_channels"] == 1
+
+
+def test_train_writes_checkpoint_and_grid(run_dir):
+    assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "samples"]
+    assert os.listdir(run_dir / "samples") == ["step_0000003.png"]
+    assert ckpt.load(run_dir / "checkpoint.pt")["step"] == 3
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sample_from_checkpoint_with_npz(run_dir, tmp_path, sampler):
+    out, npz = tmp_path / "grid.png", tmp_path / "raw.npz"
+    argv = ["sample", "--ckpt", str(run_dir / "checkpoint.pt"), "--n", "5", "--batch-size", "2", "--sampler", sampler,
+            "--steps", "4", "--seed", "1", "--out", str(out), "--npz", str(npz), "--device", "cpu"]
+    assert main(argv) == 0
+    with np.load(npz) as data:
+        assert data["arr_0"].shape == (5, 8, 8, 1) and data["arr_0"].dtype == np.uint8
+        samples = data["samples"]
+    assert samples.shape == (5, 1, 8, 8) and np.isfinite(samples).all() and np.abs(samples).max() <= 1
+    # The same seed gives the same samples; another seed, others.
+    again = tmp_path / "again.npz"
+    argv[argv.index("--npz") + 1] = str(again)
+    assert main(argv) == 0
+    with np.load(again) as data:
+        np.testing.assert_array_equal(data["samples"], samples)
+    argv[argv.index("--seed") + 1] = "2"
+    assert main(argv) == 0
+    with np.load(again) as data:
+        assert not np.array_equal(data["samples"], samples)
+
+
+def test_sample_with_raw_weights_and_export(run_dir, tmp_path):
+    small = tmp_path / "small.pt"
+    assert main(["export", "--ckpt", str(run_dir / "checkpoint.pt"), "--out", str(small), "--half"]) == 0
+    assert os.path.getsize(small) < os.path.getsize(run_dir / "checkpoint.pt") / 4
+    assert main(["sample", "--ckpt", str(small), "--n", "2", "--steps", "2", "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["sample", "--ckpt", str(run_dir / "checkpoint.pt"), "--no-ema", "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "b.png")]) == 0
+    # An EMA-only file has no raw weights: a clear error, and no grid.
+    assert main(["sample", "--ckpt", str(small), "--no-ema", "--out", str(tmp_path / "c.png")]) == 1
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_eval_bpd(run_dir, capsys):
+    assert main(["eval-bpd", "--ckpt", str(run_dir / "checkpoint.pt"), "--n", "4", "--batch-size", "2"]) == 0
+    line = capsys.readouterr().out.strip()
+    bpd = float(line.split()[0])
+    assert "bits/dim" in line and "4 test images of digits" in line
+    assert 0 < bpd < 20  # an untrained model: far from good, but a finite, positive bound
+
+
+def test_resume_from_the_command_line(run_dir, tmp_path, capsys):
+    copy = tmp_path / "run"
+    copy.mkdir()
+    (copy / "checkpoint.pt").write_bytes((run_dir / "checkpoint.pt").read_bytes())
+    assert main(["train", "--resume", str(copy / "checkpoint.pt"), "--steps", "4", "--no-progress"]) == 0
+    assert ckpt.load(copy / "checkpoint.pt")["step"] == 4
+    assert "trained to step 4" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad input: message, exit code, no output
+
+def _fails(argv, capsys, *fragments):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-fast: error: ") and "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+def test_missing_empty_and_unreadable_data(tmp_path, capsys):
+    out = tmp_path / "out"
+    _fails(["train", "--data", str(tmp_path / "nope"), "--out", str(out), *FAST_TRAIN], capsys, "does not exist")
+    (tmp_path / "empty").mkdir()
+    _fails(["train", "--data", str(tmp_path / "empty"), "--out", str(out), *FAST_TRAIN], capsys, "holds no images")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    _fails(["train", "--data", str(tmp_path / "bad"), "--out", str(out), *FAST_TRAIN], capsys, "x.jpg")
+    assert not out.exists()
+
+
+def test_truncated_checkpoint_leaves_no_grid(run_dir, tmp_path, capsys):
+    data = (run_dir / "checkpoint.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:1000])
+    out = tmp_path / "grid.png"
+    _fails(["sample", "--ckpt", str(tmp_path / "cut.pt"), "--out", str(out)], capsys, "cut.pt", "truncated")
+    _fails(["eval-bpd", "--ckpt", str(tmp_path / "cut.pt")], capsys, "cut.pt")
+    assert os.listdir(tmp_path) == ["cut.pt"]
+
+
+def test_checkpoint_from_another_config(run_dir, tmp_path, capsys):
+    _fails(["train", "--resume", str(run_dir / "checkpoint.pt"), "--out", str(tmp_path), "--steps", "9",
+            "--preset", "tiny", "--no-progress"], capsys, "another configuration", "--preset 'tiny'")
+    # Weights that do not fit the config they come with.
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["config"]["model"]["ch"] = 64
+    torch.save(state, tmp_path / "other.pt")
+    _fails(["sample", "--ckpt", str(tmp_path / "other.pt"), "--out", str(tmp_path / "g.png")], capsys,
+           "do not fit the model")
+    assert not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["sample", "--sampler", "euler"], "argument --sampler: invalid choice: 'euler'"),
+    (["train", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
+    (["train", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
+    (["sample", "--n", "many"], "argument --n/--num-samples: expected a positive integer, got 'many'"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+])
+def test_unknown_option_values_exit_non_zero(capsys, argv, fragment):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_info_and_python_m_entry_points(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert f"torch {torch.__version__}" in text and "backends for cpu tensors:" in text and "auto ->" in text
+    via_module = subprocess.run([sys.executable, "-m", "ddpm_fast", "info"], capture_output=True, text=True)
+    assert via_module.returncode == 0, via_module.stderr
+    via_info = subprocess.run([sys.executable, "-m", "ddpm_fast.info"], capture_output=True, text=True)
+    assert via_info.stdout == via_module.stdout and "C++ extension:" in via_info.stdout

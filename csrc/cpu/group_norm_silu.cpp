@@ -102,22 +102,33 @@ inline std::vector<float> scratch(int64_t n) {
 inline float gamma_at(const float* w, int64_t c) { return w ? w[c] : 1.0f; }
 inline float beta_at(const float* b, int64_t c) { return b ? b[c] : 0.0f; }
 
-// sum of p[0, n) and sum of (p - mean)^2, with four vector accumulators.
+// sum of f(v) over the vectors v of p[0, n), lanes past n zero: four independent accumulators,
+// so the adds overlap instead of waiting on each other (the loop is otherwise latency-bound).
+template <typename F>
+inline float row_reduce(const float* p, int64_t n, const F& f) {
+  Vec acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
+  int64_t i = 0;
+  for (; i + 4 * kVec <= n; i += 4 * kVec) {
+    acc0 += f(Vec::loadu(p + i), kVec);
+    acc1 += f(Vec::loadu(p + i + kVec), kVec);
+    acc2 += f(Vec::loadu(p + i + 2 * kVec), kVec);
+    acc3 += f(Vec::loadu(p + i + 3 * kVec), kVec);
+  }
+  for (; i < n; i += kVec) acc0 += f(Vec::loadu(p + i, std::min(kVec, n - i)), std::min(kVec, n - i));
+  return sum_lanes((acc0 + acc1) + (acc2 + acc3));
+}
+
 inline float row_sum(const float* p, int64_t n) {
-  Vec acc(0.0f);
-  for_vec(n, [&](int64_t i, int64_t k) { acc += Vec::loadu(p + i, k); });
-  return sum_lanes(acc);
+  return row_reduce(p, n, [](const Vec& v, int64_t) { return v; });
 }
 
 inline float row_centered_sq(const float* p, int64_t n, float mean) {
-  Vec acc(0.0f);
   const Vec vmean(mean);
-  for_vec(n, [&](int64_t i, int64_t k) {
+  return row_reduce(p, n, [&](const Vec& v, int64_t k) {
     // Lanes past a partial load are zero: keep them out of the sum.
-    const Vec d = Vec::set(Vec(0.0f), Vec::loadu(p + i, k) - vmean, k);
-    acc = at::vec::fmadd(d, d, acc);
+    const Vec d = k == kVec ? v - vmean : Vec::set(Vec(0.0f), v - vmean, k);
+    return d * d;
   });
-  return sum_lanes(acc);
 }
 
 inline void row_apply(const float* x, float* y, int64_t n, float scale, float shift) {

@@ -230,7 +230,7 @@ def train(**options):
     if unknown:
         raise ConfigError(f"unknown training options {unknown}")
     out = given.get("out", DEFAULTS["out"])
-    state = None
+    state, path = None, None
     if resume:
         path = os.path.join(out, CHECKPOINT_NAME) if resume == "auto" else resume
         state = ckpt.load(path)
@@ -250,12 +250,12 @@ def train(**options):
 
     world = Dist(options["device"])
     try:
-        return _train(options, state, world, progress)
+        return _train(options, state, path, world, progress)
     finally:
         world.close()
 
 
-def _train(options, state, world, progress):
+def _train(options, state, resumed_from, world, progress):
     device, seed = world.device, options["seed"]
     precision = PRECISIONS[options["precision"]]
     if options["batch_size"] % world.world_size:
@@ -287,8 +287,8 @@ def _train(options, state, world, progress):
     step = 0
     checkpoint_path = os.path.join(options["out"], CHECKPOINT_NAME)
     if state is not None:
-        ckpt.load_weights(model, state["model"], "model", checkpoint_path)
-        ckpt.load_weights(ema, state["ema"], "EMA", checkpoint_path)
+        ckpt.load_weights(model, state["model"], "model", resumed_from)
+        ckpt.load_weights(ema, state["ema"], "EMA", resumed_from)
         try:
             optimizer.load_state_dict(state["optimizer"])
             scaler.load_state_dict(state["scaler"])

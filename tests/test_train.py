@@ -110,6 +110,17 @@ def test_resume_with_another_config_is_refused(tmp_path):
         train(out=str(tmp_path), steps=2, resume="auto", **dict(FAST, timesteps=100))
 
 
+def test_resume_keeps_the_network_of_the_checkpoint(tmp_path, monkeypatch):
+    from ddpm_fast.nn import UNet
+
+    train(out=str(tmp_path), steps=1, **FAST)
+    built = ckpt.load(tmp_path / "checkpoint.pt")["config"]["model"]
+    # The preset changes later (another width): resuming still builds the checkpoint's network.
+    monkeypatch.setitem(UNet.PRESETS, "digits", dict(UNet.PRESETS["digits"], ch=64))
+    train(out=str(tmp_path), steps=2, resume="auto", **FAST)
+    assert ckpt.load(tmp_path / "checkpoint.pt")["config"]["model"] == built
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from ddpm_fast.diffusion import GaussianDiffusion
 

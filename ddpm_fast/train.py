@@ -21,7 +21,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
-from .images import save_grid, save_npz
+from .images import save_grid
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -32,8 +32,8 @@ STRUCTURAL_OPTIONS = ("data", "preset", "ch", "ch_mult", "image_size", "timestep
 
 DEFAULTS = dict(
     data="digits", preset=None, ch=None, ch_mult=None, image_size=None, timesteps=1000, schedule="linear",
-    prediction_type="epsilon", loss_type="mse", steps=5000, batch_size=128, lr=2e-4, warmup=500, weight_decay=0.0, grad_clip=1.0,
-    ema_decay=0.9999, precision="fp32", out="runs/ddpm", sample_every=1000, sample_n=64, sampler="ddim",
+    prediction_type="epsilon", loss_type="mse", steps=5000, batch_size=128, lr=2e-4, warmup=500, weight_decay=0.0,
+    grad_clip=1.0, ema_decay=0.9999, precision="fp32", out="runs/ddpm", sample_every=1000, sample_n=64, sampler="ddim",
     sample_steps=50, ckpt_every=1000, seed=0, device="auto", resume=None, progress=True,
 )
 

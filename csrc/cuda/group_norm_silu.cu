@@ -205,8 +205,9 @@ __global__ void __launch_bounds__(kBlock)
     if (ch < c) {
       const int64_t ng = n * groups + ch / cg;
       const float gamma = gamma_at(w, ch), beta = beta_at(b, ch), mu = mean[ng], rs = rstd[ng];
-      for (int64_t hw = row; hw < s; hw += kRows) {
-        const int64_t i = (n * s + hw) * c + ch;
+      // Walk the rows with one offset, stepping kRows rows at a time.
+      const int64_t step = kRows * c, end = (n + 1) * s * c;
+      for (int64_t i = (n * s + row) * c + ch; i < end; i += step) {
         const Recomputed r = recompute(dy[i], x[i], gamma, beta, mu, rs);
         sg += r.g;
         sgx += r.g * r.xhat;

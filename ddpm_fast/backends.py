@@ -75,6 +75,8 @@ def unavailable_reason(backend, device_type):
             return "the C++ extension was built without CUDA kernels (rebuild with DDPM_FAST_BUILD_CUDA=1)"
         if device_type != backend:
             return f"the {backend} backend takes {backend.upper()} tensors, got {device_type} tensors"
+        if backend == "cuda" and not torch.cuda.is_available():
+            return "CUDA is not available"
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -71,8 +71,8 @@ def test_group_norm_silu_forward(benchmark, copy_bandwidth, provider, shape, dty
 def test_group_norm_silu_forward_backward(benchmark, copy_bandwidth, provider, shape, dtype, layout):
     nbytes = 5 * torch.Size(shape).numel() * dtype.itemsize
     generator = torch.Generator(DEVICE).manual_seed(0)
-    sets = [(make_tensor(shape, dtype, layout, generator).requires_grad_(), make_tensor(shape, dtype, layout, generator))
-            for _ in range(rotation_count(nbytes))]
+    sets = [(make_tensor(shape, dtype, layout, generator).requires_grad_(),
+             make_tensor(shape, dtype, layout, generator)) for _ in range(rotation_count(nbytes))]
     next_set = cycle(sets)
     weight, bias = _params(shape[1], dtype, requires_grad=True)
     function = _function(provider)

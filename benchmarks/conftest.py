@@ -90,15 +90,6 @@ def provider_skip_reason(provider, device=DEVICE):
     return None if why is None else f"{provider} backend unavailable: {why}"
 
 
-def provider_params(providers=PROVIDERS):
-    params = []
-    for provider in providers:
-        why = provider_skip_reason(provider)
-        marks = [pytest.mark.skip(reason=why)] if why else []
-        params.append(pytest.param(provider, id=provider, marks=marks))
-    return params
-
-
 def case_params(shapes, compile_shapes, dtypes=None, layouts=LAYOUTS, providers=PROVIDERS):
     """(provider, shape, dtype, layout) cases; torch_compile only at ``compile_shapes``."""
     params = []
@@ -190,10 +181,11 @@ def copy_bandwidth():
     return 2 * src.numel() * src.element_size() / times[len(times) // 2] / 1e9
 
 
-def run_benchmark(benchmark, fn, *, info, nbytes=None, copy_gbps=None):
+def run_benchmark(benchmark, fn, *, info, nbytes=None, copy_gbps=None, images=None):
     """Warms ``fn`` up, times it with pytest-benchmark and records bytes, GB/s and labels.
 
-    ``fn`` runs one call of the op (taking its next input set itself when inputs rotate).
+    ``fn`` runs one call of the op (taking its next input set itself when inputs rotate);
+    ``images``: how many images one call makes (end to end), recorded as images/s.
     Returns the output of its last call, for a sanity check.
     """
     try:  # a backend whose kernels are missing from this build says so at its first call
@@ -216,6 +208,8 @@ def run_benchmark(benchmark, fn, *, info, nbytes=None, copy_gbps=None):
     # Slow cases (a whole sampling loop on the CPU) are warm after the two calls above.
     warmup_rounds = 0 if per_round > TARGET_SECONDS / 4 else 1
     result = benchmark.pedantic(fn, rounds=rounds, iterations=iterations, warmup_rounds=warmup_rounds)
+    if benchmark.stats is None:  # --benchmark-disable: the call ran once, untimed
+        return result
 
     median = benchmark.stats.stats.median
     extra = dict(info, device=device_name(), rounds=rounds, iterations=iterations)
@@ -225,6 +219,8 @@ def run_benchmark(benchmark, fn, *, info, nbytes=None, copy_gbps=None):
         if copy_gbps:
             extra["copy_gbps"] = copy_gbps
             extra["copy_fraction"] = extra["gbps"] / copy_gbps
+    if images is not None:
+        extra["images_per_s"] = images / median
     benchmark.extra_info.update(extra)
     benchmark.group = info.get("group")
     return result

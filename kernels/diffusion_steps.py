@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops._common import is_batch_dense
 from .philox import philox_normal_block
 
 # Memory-bound: 2048 elements per program over 8 warps is 8 elements per thread, two 16-byte
@@ -161,15 +162,6 @@ def _interpreted():
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _is_batch_dense(x):
-    """Dense storage with the batch outermost: contiguous, channels_last or channels_last_3d."""
-    if x.is_contiguous():
-        return True
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d)
-
-
 def _check_input(name, x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -180,7 +172,7 @@ def _check_input(name, x):
     if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpreted()):
         raise ValueError(f"{name} must be a CUDA tensor for the Triton kernels (CPU tensors only with "
                          f"TRITON_INTERPRET=1), got a tensor on {x.device}")
-    if not _is_batch_dense(x):
+    if not is_batch_dense(x):
         raise ValueError(f"{name} must be batch-dense (contiguous or channels_last, batch outermost), "
                          f"got shape {tuple(x.shape)} with strides {x.stride()}")
 

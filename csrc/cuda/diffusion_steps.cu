@@ -18,6 +18,7 @@
 
 #include <cstdint>
 
+#include "ddpm_fast/cuda_dtype.cuh"
 #include "ddpm_fast/diffusion_steps.h"
 #include "ddpm_fast/diffusion_steps_kernels.h"
 #include "ddpm_fast/philox.h"
@@ -29,19 +30,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = int64_t{1} << 20;  // the grid-stride loop covers the rest
 
 enum NoiseMode { kNoNoise = 0, kGivenNoise = 1, kDrawnNoise = 2 };
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // Four consecutive elements: one 16-byte (float) or 8-byte (half) access.
 template <typename T>

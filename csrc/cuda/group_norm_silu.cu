@@ -12,6 +12,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <ddpm_fast/cuda_dtype.cuh>
 #include <ddpm_fast/group_norm_silu.h>
 
 namespace ddpm_fast {
@@ -21,24 +22,6 @@ constexpr int kBlock = 512;
 constexpr int kWarps = kBlock / 32;
 constexpr int kMaxItems = 16;  // one-pass path: groups of up to kBlock * kMaxItems = 8192 elements
 constexpr int kElementwiseBlock = 256;
-
-template <typename T>
-__device__ __forceinline__ float to_float(T v);
-template <>
-__device__ __forceinline__ float to_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 __device__ __forceinline__ float gamma_at(const float* w, int64_t c) { return w ? w[c] : 1.0f; }
 __device__ __forceinline__ float beta_at(const float* b, int64_t c) { return b ? b[c] : 0.0f; }

@@ -12,6 +12,9 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 #include <type_traits>
 
 #include "ddpm_fast/diffusion_steps.h"
@@ -25,7 +28,142 @@ using Vec = at::vec::Vectorized<float>;
 
 constexpr int64_t kBlock = 1024;        // elements per work item (fits L1 with its buffers)
 constexpr int64_t kGrainBlocks = 32;    // at least 32k elements per thread before splitting
-static_assert(kBlock % (4 * 16) == 0, "a block must hold whole Philox groups and whole vectors");
+static_assert(kBlock % (4 * 16) == 0, "a block must hold whole Philox batches and whole vectors");
+
+#if defined(__AVX2__) && defined(__FMA__)
+
+// In-kernel noise on AVX2: 8 Philox counter groups (32 normals) per step, kept in registers from
+// the counters to the store. Philox bits are exact; log and sincos are short polynomials (Cephes
+// coefficients, within ~2 ulp of float32's correctly rounded values), several times cheaper than
+// SLEEF's u10 functions, which were most of the cost of a step with noise.
+namespace avx2 {
+
+inline __m256 splat(float v) { return _mm256_set1_ps(v); }
+
+// log(x) for positive normal x: x = m 2^e with m in [sqrt(1/2), sqrt(2)), log(m) by polynomial in
+// f = m - 1 (exact), ln 2 split in two parts so that e ln 2 adds no rounding (Cephes logf).
+inline __m256 log(__m256 x) {
+  const __m256i bits = _mm256_castps_si256(x);
+  __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)),
+                                                 _mm256_set1_epi32(0x3F000000)));  // in [1/2, 1)
+  const __m256 small = _mm256_cmp_ps(m, splat(0.707106781186547524f), _CMP_LT_OQ);
+  const __m256 ef = _mm256_sub_ps(_mm256_cvtepi32_ps(e), _mm256_and_ps(small, splat(1.0f)));
+  const __m256 f = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), splat(1.0f));  // m or 2m, minus 1
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 y = splat(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, f, splat(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, f, splat(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, f), z);
+  y = _mm256_fmadd_ps(ef, splat(-2.12194440e-4f), y);
+  y = _mm256_fmadd_ps(z, splat(-0.5f), y);
+  return _mm256_fmadd_ps(ef, splat(0.693359375f), _mm256_add_ps(f, y));
+}
+
+// sin and cos of x in [0, 2 pi]: one reduction x = q pi/2 + r, |r| <= pi/4 (the first fma is exact
+// for q <= 4), polynomials for sin r and cos r, then the quadrant picks, swaps and negates them.
+inline void sincos(__m256 x, __m256& s_out, __m256& c_out) {
+  const __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(x, splat(0.636619772367581343f)));  // nearest
+  const __m256 qf = _mm256_cvtepi32_ps(q);
+  __m256 r = _mm256_fnmadd_ps(qf, splat(1.57079637050628662f), x);
+  r = _mm256_fnmadd_ps(qf, splat(-4.37113900018624283e-8f), r);
+  const __m256 z = _mm256_mul_ps(r, r);
+  __m256 s = _mm256_fmadd_ps(splat(-1.9515295891e-4f), z, splat(8.3321608736e-3f));
+  s = _mm256_fmadd_ps(s, z, splat(-1.6666654611e-1f));
+  s = _mm256_fmadd_ps(_mm256_mul_ps(s, z), r, r);
+  __m256 c = _mm256_fmadd_ps(splat(2.443315711809948e-5f), z, splat(-1.388731625493765e-3f));
+  c = _mm256_fmadd_ps(c, z, splat(4.166664568298827e-2f));
+  c = _mm256_fmadd_ps(_mm256_mul_ps(c, z), z, _mm256_fnmadd_ps(splat(0.5f), z, splat(1.0f)));
+  // Odd q swaps sin and cos; sin is negative for q & 2, cos for (q + 1) & 2.
+  const __m256 swap = _mm256_castsi256_ps(_mm256_slli_epi32(q, 31));
+  const __m256 sin_sign = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(q, _mm256_set1_epi32(2)), 30));
+  const __m256 cos_sign = _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_and_si256(_mm256_add_epi32(q, _mm256_set1_epi32(1)), _mm256_set1_epi32(2)), 30));
+  s_out = _mm256_xor_ps(_mm256_blendv_ps(s, c, swap), sin_sign);
+  c_out = _mm256_xor_ps(_mm256_blendv_ps(c, s, swap), cos_sign);
+}
+
+// The Math of philox.h's box_muller, on 8 floats at a time.
+struct Math {
+  static Vec log(Vec x) { return avx2::log(x); }
+  static Vec sqrt(Vec x) { return _mm256_sqrt_ps(x); }
+  static void sincos(Vec x, Vec& s, Vec& c) {
+    __m256 sv, cv;
+    avx2::sincos(x, sv, cv);
+    s = sv;
+    c = cv;
+  }
+};
+
+// philox4x32_10 of philox.h on counter groups g .. g+7, words r[0..3] (lane l: group g + l).
+// Each word lives in the low halves of 64-bit lanes, even groups in one register and odd groups
+// in another, so one _mm256_mul_epu32 gives both mulhi and the low product; the high halves
+// carry garbage that the multiplies ignore and the final blend drops.
+inline void philox8(uint64_t g, uint32_t k0, uint32_t k1, __m256i r[4]) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int h = 0; h < 2; ++h) {
+    c0[h] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(h, h + 2, h + 4, h + 6));
+    c1[h] = _mm256_srli_epi64(c0[h], 32);
+    c2[h] = _mm256_setzero_si256();
+    c3[h] = _mm256_setzero_si256();
+  }
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    const __m256i rk0 = _mm256_set1_epi32(static_cast<int>(philox_round_key0(k0, round)));
+    const __m256i rk1 = _mm256_set1_epi32(static_cast<int>(philox_round_key1(k1, round)));
+    for (int h = 0; h < 2; ++h) {
+      const __m256i p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
+      c0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[h]), rk0);
+      c2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[h]), rk1);
+      c1[h] = p1;
+      c3[h] = p0;
+    }
+  }
+  const __m256i* words[4] = {c0, c1, c2, c3};
+  for (int w = 0; w < 4; ++w) {
+    r[w] = _mm256_blend_epi32(words[w][0], _mm256_slli_epi64(words[w][1], 32), 0xAA);
+  }
+}
+
+// uint_to_uniform of philox.h: one fma rounds (r >> 8) 2^-24 + 2^-25 once, as (f + 0.5) 2^-24 does.
+inline Vec uniform(__m256i r) {
+  return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 8)), splat(kTwoPow24Inv), splat(0.5f * kTwoPow24Inv));
+}
+
+}  // namespace avx2
+
+// z[0 .. n) = the normals of storage elements start .. start + n (start % 4 == 0, n <= kBlock).
+// May write up to kBlock values: the last partial batch of 8 groups is computed in full.
+void philox_normals(uint64_t seed, int64_t start, int64_t n, float* z) {
+  const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const uint64_t first = static_cast<uint64_t>(start) >> 2;
+  for (int64_t j = 0; 4 * j < n; j += 8) {
+    __m256i r[4];
+    avx2::philox8(first + static_cast<uint64_t>(j), k0, k1, r);
+    Vec n0, n1, n2, n3;
+    box_muller<avx2::Math>(avx2::uniform(r[0]), avx2::uniform(r[1]), n0, n1);
+    box_muller<avx2::Math>(avx2::uniform(r[2]), avx2::uniform(r[3]), n2, n3);
+    // Transpose (lane l of n0..n3 is group j + l) to storage order n0 n1 n2 n3 of each group.
+    const __m256 a = _mm256_unpacklo_ps(n0, n1), b = _mm256_unpackhi_ps(n0, n1);  // groups 0 1 | 4 5, 2 3 | 6 7
+    const __m256 c = _mm256_unpacklo_ps(n2, n3), d = _mm256_unpackhi_ps(n2, n3);
+    const __m256 g04 = _mm256_shuffle_ps(a, c, 0x44), g15 = _mm256_shuffle_ps(a, c, 0xEE);
+    const __m256 g26 = _mm256_shuffle_ps(b, d, 0x44), g37 = _mm256_shuffle_ps(b, d, 0xEE);
+    float* out = z + 4 * j;
+    _mm256_store_ps(out, _mm256_permute2f128_ps(g04, g15, 0x20));
+    _mm256_store_ps(out + 8, _mm256_permute2f128_ps(g26, g37, 0x20));
+    _mm256_store_ps(out + 16, _mm256_permute2f128_ps(g04, g15, 0x31));
+    _mm256_store_ps(out + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
+  }
+}
+
+#else  // portable: Philox as a vectorisable loop, Box-Muller on ATen's Vectorized<float> (SLEEF)
 
 // The Math of philox.h's box_muller, on 8 floats at a time.
 struct VecMath {
@@ -81,6 +219,8 @@ void philox_normals(uint64_t seed, int64_t start, int64_t n, float* z) {
     pairs.second.store(z + 2 * k + Vec::size());
   }
 }
+
+#endif
 
 // dtype <-> float32, round to nearest even (the portable bit conversion, independent of the
 // instruction set the file is compiled for).

@@ -32,7 +32,7 @@ static_assert(kBlock % (4 * 16) == 0, "a block must hold whole Philox batches an
 
 #if defined(__AVX2__) && defined(__FMA__)
 
-// In-kernel noise on AVX2: 8 Philox counter groups (32 normals) per step, kept in registers from
+// In-kernel noise on AVX2: 16 Philox counter groups (64 normals) per step, kept in registers from
 // the counters to the store. Philox bits are exact; log and sincos are short polynomials (Cephes
 // coefficients, within ~2 ulp of float32's correctly rounded values), several times cheaper than
 // SLEEF's u10 functions, which were most of the cost of a step with noise.
@@ -101,16 +101,20 @@ struct Math {
   }
 };
 
-// philox4x32_10 of philox.h on counter groups g .. g+7, words r[0..3] (lane l: group g + l).
-// Each word lives in the low halves of 64-bit lanes, even groups in one register and odd groups
-// in another, so one _mm256_mul_epu32 gives both mulhi and the low product; the high halves
-// carry garbage that the multiplies ignore and the final blend drops.
-inline void philox8(uint64_t g, uint32_t k0, uint32_t k1, __m256i r[4]) {
+// philox4x32_10 of philox.h on counter groups g .. g + 8 kBatches - 1: r[b][w] is word w of
+// groups g + 8b .. g + 8b + 7 (lane l: group g + 8b + l). Each word lives in the low halves of
+// 64-bit lanes, even groups in one register and odd groups in another, so one _mm256_mul_epu32
+// gives both mulhi and the low product; the high halves carry garbage that the multiplies ignore
+// and the final blend drops. Two batches at once give the 5-cycle multiplies independent work.
+template <int kBatches>
+inline void philox8(uint64_t g, uint32_t k0, uint32_t k1, __m256i r[][4]) {
+  constexpr int kRegs = 2 * kBatches;  // register h: batch h / 2, even (h % 2 == 0) or odd groups
   const __m256i m0 = _mm256_set1_epi32(static_cast<int>(kPhiloxM0));
   const __m256i m1 = _mm256_set1_epi32(static_cast<int>(kPhiloxM1));
-  __m256i c0[2], c1[2], c2[2], c3[2];
-  for (int h = 0; h < 2; ++h) {
-    c0[h] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(h, h + 2, h + 4, h + 6));
+  __m256i c0[kRegs], c1[kRegs], c2[kRegs], c3[kRegs];
+  for (int h = 0; h < kRegs; ++h) {
+    const int64_t o = 8 * (h / 2) + h % 2;
+    c0[h] = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(g)), _mm256_setr_epi64x(o, o + 2, o + 4, o + 6));
     c1[h] = _mm256_srli_epi64(c0[h], 32);
     c2[h] = _mm256_setzero_si256();
     c3[h] = _mm256_setzero_si256();
@@ -118,17 +122,20 @@ inline void philox8(uint64_t g, uint32_t k0, uint32_t k1, __m256i r[4]) {
   for (int round = 0; round < kPhiloxRounds; ++round) {
     const __m256i rk0 = _mm256_set1_epi32(static_cast<int>(philox_round_key0(k0, round)));
     const __m256i rk1 = _mm256_set1_epi32(static_cast<int>(philox_round_key1(k1, round)));
-    for (int h = 0; h < 2; ++h) {
+    for (int h = 0; h < kRegs; ++h) {
       const __m256i p0 = _mm256_mul_epu32(c0[h], m0), p1 = _mm256_mul_epu32(c2[h], m1);
-      c0[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p1, 32), c1[h]), rk0);
-      c2[h] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(p0, 32), c3[h]), rk1);
+      // The key xor first: it does not wait for the multiply.
+      c0[h] = _mm256_xor_si256(_mm256_srli_epi64(p1, 32), _mm256_xor_si256(c1[h], rk0));
+      c2[h] = _mm256_xor_si256(_mm256_srli_epi64(p0, 32), _mm256_xor_si256(c3[h], rk1));
       c1[h] = p1;
       c3[h] = p0;
     }
   }
-  const __m256i* words[4] = {c0, c1, c2, c3};
-  for (int w = 0; w < 4; ++w) {
-    r[w] = _mm256_blend_epi32(words[w][0], _mm256_slli_epi64(words[w][1], 32), 0xAA);
+  for (int b = 0; b < kBatches; ++b) {
+    const __m256i* words[4] = {c0 + 2 * b, c1 + 2 * b, c2 + 2 * b, c3 + 2 * b};
+    for (int w = 0; w < 4; ++w) {
+      r[b][w] = _mm256_blend_epi32(words[w][0], _mm256_slli_epi64(words[w][1], 32), 0xAA);
+    }
   }
 }
 
@@ -137,29 +144,34 @@ inline Vec uniform(__m256i r) {
   return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(r, 8)), splat(kTwoPow24Inv), splat(0.5f * kTwoPow24Inv));
 }
 
+// The 32 normals of the 8 groups whose Philox words are r, in storage order, at out (aligned).
+inline void store_normals(const __m256i r[4], float* out) {
+  Vec n0, n1, n2, n3;
+  box_muller<Math>(uniform(r[0]), uniform(r[1]), n0, n1);
+  box_muller<Math>(uniform(r[2]), uniform(r[3]), n2, n3);
+  // Transpose (lane l of n0..n3 is group l) to n0 n1 n2 n3 of group 0, of group 1, ...
+  const __m256 a = _mm256_unpacklo_ps(n0, n1), b = _mm256_unpackhi_ps(n0, n1);  // groups 0 1 | 4 5, 2 3 | 6 7
+  const __m256 c = _mm256_unpacklo_ps(n2, n3), d = _mm256_unpackhi_ps(n2, n3);
+  const __m256 g04 = _mm256_shuffle_ps(a, c, 0x44), g15 = _mm256_shuffle_ps(a, c, 0xEE);
+  const __m256 g26 = _mm256_shuffle_ps(b, d, 0x44), g37 = _mm256_shuffle_ps(b, d, 0xEE);
+  _mm256_store_ps(out, _mm256_permute2f128_ps(g04, g15, 0x20));
+  _mm256_store_ps(out + 8, _mm256_permute2f128_ps(g26, g37, 0x20));
+  _mm256_store_ps(out + 16, _mm256_permute2f128_ps(g04, g15, 0x31));
+  _mm256_store_ps(out + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
+}
+
 }  // namespace avx2
 
 // z[0 .. n) = the normals of storage elements start .. start + n (start % 4 == 0, n <= kBlock).
-// May write up to kBlock values: the last partial batch of 8 groups is computed in full.
+// May write up to kBlock values: the last partial 16 groups are computed in full.
 void philox_normals(uint64_t seed, int64_t start, int64_t n, float* z) {
+  constexpr int kBatches = 2;
   const uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
   const uint64_t first = static_cast<uint64_t>(start) >> 2;
-  for (int64_t j = 0; 4 * j < n; j += 8) {
-    __m256i r[4];
-    avx2::philox8(first + static_cast<uint64_t>(j), k0, k1, r);
-    Vec n0, n1, n2, n3;
-    box_muller<avx2::Math>(avx2::uniform(r[0]), avx2::uniform(r[1]), n0, n1);
-    box_muller<avx2::Math>(avx2::uniform(r[2]), avx2::uniform(r[3]), n2, n3);
-    // Transpose (lane l of n0..n3 is group j + l) to storage order n0 n1 n2 n3 of each group.
-    const __m256 a = _mm256_unpacklo_ps(n0, n1), b = _mm256_unpackhi_ps(n0, n1);  // groups 0 1 | 4 5, 2 3 | 6 7
-    const __m256 c = _mm256_unpacklo_ps(n2, n3), d = _mm256_unpackhi_ps(n2, n3);
-    const __m256 g04 = _mm256_shuffle_ps(a, c, 0x44), g15 = _mm256_shuffle_ps(a, c, 0xEE);
-    const __m256 g26 = _mm256_shuffle_ps(b, d, 0x44), g37 = _mm256_shuffle_ps(b, d, 0xEE);
-    float* out = z + 4 * j;
-    _mm256_store_ps(out, _mm256_permute2f128_ps(g04, g15, 0x20));
-    _mm256_store_ps(out + 8, _mm256_permute2f128_ps(g26, g37, 0x20));
-    _mm256_store_ps(out + 16, _mm256_permute2f128_ps(g04, g15, 0x31));
-    _mm256_store_ps(out + 24, _mm256_permute2f128_ps(g26, g37, 0x31));
+  for (int64_t j = 0; 4 * j < n; j += 8 * kBatches) {
+    __m256i r[kBatches][4];
+    avx2::philox8<kBatches>(first + static_cast<uint64_t>(j), k0, k1, r);
+    for (int b = 0; b < kBatches; ++b) avx2::store_normals(r[b], z + 4 * (j + 8 * b));
   }
 }
 

@@ -3,8 +3,10 @@
 //
 // NCHW: a (sample, group) is one contiguous block of D = C/G * S elements; one task per block
 // reads it into cache, takes the mean, then the variance from (x - mean), then writes y.
-// channels_last: a sample is S rows of C channels; statistics are per-channel vector sums over
-// the rows (then summed per group), and y is written row by row with per-channel scale/shift.
+// channels_last: a sample is S rows of C channels; per-channel mean and M2 come from one sweep
+// over the rows (registers accumulate column blocks, chunks of rows join by Chan's combine), the
+// groups join their channels, and y is written row by row with per-channel scale/shift while the
+// next sample is fetched into cache.
 // Backward recomputes z, silu'(z) and xhat from x, mean and rstd, and reduces the per-(sample,
 // channel) sums for dgamma/dbeta over the batch in a fixed order, so every run gives the same bits.
 #define DDPM_GNS_WITH_ATEN_VEC
@@ -168,19 +170,81 @@ void forward_nchw(const T* x, const float* w, const float* b, T* y, float* mean_
   });
 }
 
-// out[c] = sum over the S rows of one channels_last sample of what add_row(row, r, partial) adds
-// into partial[c]; rows are summed kRowChunk at a time, then joined (two-level, for accuracy).
-template <typename T, typename F>
-void channel_sums(const T* xs, int64_t s, int64_t c, float* out, float* xbuf, const F& add_row) {
-  std::vector<float> partial(c);
-  std::fill(out, out + c, 0.0f);
-  for (int64_t r0 = 0; r0 < s; r0 += kRowChunk) {
-    std::fill(partial.begin(), partial.end(), 0.0f);
-    for (int64_t r = r0; r < std::min(s, r0 + kRowChunk); ++r) {
-      add_row(as_float(xs + r * c, c, xbuf), r, partial.data());
+// Vectors per column block in the channels_last statistics: two row phases of kBlock accumulators
+// plus kBlock means fit the 16 AVX2 registers, and 2 * kBlock independent add chains hide the
+// add latency (one accumulator per vector would leave the loop latency-bound).
+constexpr int64_t kBlock = 4;
+
+template <bool kFull>
+inline Vec load(const float* p, int64_t k) {
+  return kFull ? Vec::loadu(p) : Vec::loadu(p, k);
+}
+
+// out[ch] += sum over the rows of x ([rows, c] floats) of x[r, ch], or of (x[r, ch] - mean[ch])^2
+// when kCentered, for the NV vectors of channels from i (k lanes each; lanes past k load as zero).
+// The accumulators stay in registers for all rows: even and odd rows in separate ones.
+template <int64_t NV, bool kFull, bool kCentered>
+inline void column_sums(const float* x, int64_t rows, int64_t c, int64_t i, int64_t k, const float* mean,
+                        float* out) {
+  Vec even[NV], odd[NV], m[NV];
+  for (int64_t j = 0; j < NV; ++j) {
+    even[j] = odd[j] = Vec(0.0f);
+    if constexpr (kCentered) m[j] = load<kFull>(mean + i + j * kVec, k);
+  }
+  auto add = [&](Vec& acc, const float* p, int64_t j) {
+    const Vec v = load<kFull>(p + j * kVec, k);
+    if constexpr (kCentered) {
+      const Vec d = v - m[j];
+      acc = at::vec::fmadd(d, d, acc);
+    } else {
+      acc += v;
     }
+  };
+  int64_t r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    for (int64_t j = 0; j < NV; ++j) add(even[j], x + r * c + i, j);
+    for (int64_t j = 0; j < NV; ++j) add(odd[j], x + (r + 1) * c + i, j);
+  }
+  if (r < rows) {
+    for (int64_t j = 0; j < NV; ++j) add(even[j], x + r * c + i, j);
+  }
+  for (int64_t j = 0; j < NV; ++j) {
+    float* o = out + i + j * kVec;
+    (load<kFull>(o, k) + (even[j] + odd[j])).store(o, k);
+  }
+}
+
+// Per-channel mean and M2 = sum (x - mean)^2 over the S rows of one channels_last sample, in one
+// sweep from memory: each chunk of kRowChunk rows (kRowChunk * c floats, cache-resident) gets its own
+// two-pass mean and M2, then joins the running ones by Chan's combine, vectorised over channels.
+// chunk holds the float16/bfloat16 rows converted; cmean and cm2 are c floats of scratch.
+template <typename T>
+void channel_stats(const T* xs, int64_t s, int64_t c, float* mean, float* m2, float* chunk, float* cmean,
+                   float* cm2) {
+  std::fill(mean, mean + c, 0.0f);
+  std::fill(m2, m2 + c, 0.0f);
+  for (int64_t r0 = 0; r0 < s; r0 += kRowChunk) {
+    const int64_t rows = std::min(kRowChunk, s - r0);
+    const float* xf = as_float(xs + r0 * c, rows * c, chunk);
+    auto sweep = [&](auto centered, float* out) {
+      constexpr bool kCentered = decltype(centered)::value;
+      std::fill(out, out + c, 0.0f);
+      int64_t i = 0;
+      for (; i + kBlock * kVec <= c; i += kBlock * kVec) column_sums<kBlock, true, kCentered>(xf, rows, c, i, kVec, cmean, out);
+      for (; i + kVec <= c; i += kVec) column_sums<1, true, kCentered>(xf, rows, c, i, kVec, cmean, out);
+      if (i < c) column_sums<1, false, kCentered>(xf, rows, c, i, c - i, cmean, out);
+    };
+    sweep(std::false_type{}, cmean);
+    const Vec inv_rows(1.0f / static_cast<float>(rows));
+    for_vec(c, [&](int64_t i, int64_t k) { (Vec::loadu(cmean + i, k) * inv_rows).store(cmean + i, k); });
+    sweep(std::true_type{}, cm2);
+    // Chan: mean += delta * nb / n, m2 += m2_b + delta^2 * na * nb / n, delta = chunk mean - mean.
+    const float na = static_cast<float>(r0), nb = static_cast<float>(rows);
+    const Vec wb(nb / (na + nb)), wab(na * nb / (na + nb));
     for_vec(c, [&](int64_t i, int64_t k) {
-      (Vec::loadu(out + i, k) + Vec::loadu(partial.data() + i, k)).store(out + i, k);
+      const Vec m = Vec::loadu(mean + i, k), delta = Vec::loadu(cmean + i, k) - m;
+      at::vec::fmadd(delta, wb, m).store(mean + i, k);
+      at::vec::fmadd(delta * delta, wab, Vec::loadu(m2 + i, k) + Vec::loadu(cm2 + i, k)).store(m2 + i, k);
     });
   }
 }
@@ -192,8 +256,14 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean_
   const float d = static_cast<float>(cg * s);
   // Per (sample, channel) scale and shift, filled by the statistics pass.
   std::vector<float> scale(sh.n * c), shift(sh.n * c);
-  auto apply_rows = [&](int64_t begin, int64_t end, float* xbuf, float* ybuf) {
+  // next (or null): rows to fetch into L2 meanwhile, one per row written, so that the statistics
+  // of the next sample read cache, not memory, while this loop waits on its divisions.
+  auto apply_rows = [&](int64_t begin, int64_t end, float* xbuf, float* ybuf, const T* next) {
     for (int64_t row = begin; row < end; ++row) {
+      if (next) {
+        const char* p = reinterpret_cast<const char*>(next + (row - begin) * c);
+        for (int64_t off = 0; off < c * static_cast<int64_t>(sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 2);
+      }
       const float* xf = as_float(x + row * c, c, xbuf);
       float* yf = float_out(y + row * c, ybuf);
       const float* sc = scale.data() + (row / s) * c;
@@ -208,27 +278,21 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean_
   // otherwise the write pass is split over rows so that every core works.
   const bool write_per_sample = sh.n >= at::get_num_threads();
   at::parallel_for(0, sh.n, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c), sums(c), mean_c(c);
+    std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c), chunk = scratch<T>(kRowChunk * c);
+    std::vector<float> mean_c(c), m2_c(c), cmean(c), cm2(c);
     for (int64_t n = begin; n < end; ++n) {
-      const T* xs = x + n * s * c;
-      channel_sums(xs, s, c, sums.data(), xbuf.data(), [&](const float* row, int64_t, float* acc) {
-        for_vec(c, [&](int64_t i, int64_t k) { (Vec::loadu(acc + i, k) + Vec::loadu(row + i, k)).store(acc + i, k); });
-      });
+      channel_stats(x + n * s * c, s, c, mean_c.data(), m2_c.data(), chunk.data(), cmean.data(), cm2.data());
       for (int64_t g = 0; g < sh.groups; ++g) {
+        // The group's M2 joins its channels' (all of S rows): sum of M2_c + S * sum (mean_c - mean)^2.
         float total = 0.0f;
-        for (int64_t ci = 0; ci < cg; ++ci) total += sums[g * cg + ci];
-        std::fill(mean_c.begin() + g * cg, mean_c.begin() + (g + 1) * cg, total / d);
-      }
-      channel_sums(xs, s, c, sums.data(), xbuf.data(), [&](const float* row, int64_t, float* acc) {
-        for_vec(c, [&](int64_t i, int64_t k) {
-          const Vec dv = Vec::loadu(row + i, k) - Vec::loadu(mean_c.data() + i, k);
-          at::vec::fmadd(dv, dv, Vec::loadu(acc + i, k)).store(acc + i, k);
-        });
-      });
-      for (int64_t g = 0; g < sh.groups; ++g) {
-        float sq = 0.0f;
-        for (int64_t ci = 0; ci < cg; ++ci) sq += sums[g * cg + ci];
-        const float mean = mean_c[g * cg], rstd = gns::rstd_from_var(sq / d, eps);
+        for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) total += mean_c[ch];
+        const float mean = total / static_cast<float>(cg);
+        float sq = 0.0f, spread = 0.0f;
+        for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
+          sq += m2_c[ch];
+          spread += (mean_c[ch] - mean) * (mean_c[ch] - mean);
+        }
+        const float rstd = gns::rstd_from_var((sq + static_cast<float>(s) * spread) / d, eps);
         mean_out[n * sh.groups + g] = mean;
         rstd_out[n * sh.groups + g] = rstd;
         for (int64_t ch = g * cg; ch < (g + 1) * cg; ++ch) {
@@ -236,13 +300,15 @@ void forward_nhwc(const T* x, const float* w, const float* b, T* y, float* mean_
           shift[n * c + ch] = beta_at(b, ch) - mean * scale[n * c + ch];
         }
       }
-      if (write_per_sample) apply_rows(n * s, (n + 1) * s, xbuf.data(), ybuf.data());
+      if (write_per_sample) {
+        apply_rows(n * s, (n + 1) * s, xbuf.data(), ybuf.data(), n + 1 < end ? x + (n + 1) * s * c : nullptr);
+      }
     }
   });
   if (!write_per_sample) {
     at::parallel_for(0, sh.n * s, kRowChunk, [&](int64_t begin, int64_t end) {
       std::vector<float> xbuf = scratch<T>(c), ybuf = scratch<T>(c);
-      apply_rows(begin, end, xbuf.data(), ybuf.data());
+      apply_rows(begin, end, xbuf.data(), ybuf.data(), nullptr);
     });
   }
 }

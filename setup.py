@@ -98,8 +98,8 @@ def _extension_setup():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cu_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))) if with_cuda else []
     defines = ["-DDDPM_FAST_WITH_CUDA"] if with_cuda else []
-    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 up to
-    # torch 2.13, C++20 from 2.14).
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++20 in
+    # current releases; a C++17 flag here breaks the build against torch 2.14).
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"] + simd_flags + defines
     link_flags = ["-fopenmp"]
     if with_cuda:

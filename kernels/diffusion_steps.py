@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import is_batch_dense
+from ..ops._common import check_like, is_batch_dense
 from .philox import philox_normal_block
 
 # Memory-bound: 2048 elements per program over 8 warps is 8 elements per thread, two 16-byte
@@ -181,12 +181,7 @@ def _check_same(name, tensor, like_name, like):
     """Same shape, dtype, device and strides as ``like``: the kernels walk both storages in step."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.shape != like.shape:
-        raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(tensor.shape)}")
-    if tensor.dtype != like.dtype:
-        raise TypeError(f"{name} must have the dtype of {like_name} ({like.dtype}), got {tensor.dtype}")
-    if tensor.device != like.device:
-        raise ValueError(f"{name} must be on {like_name}'s device ({like.device}), got {tensor.device}")
+    check_like(name, tensor, like_name, like)
     if tensor.stride() != like.stride():
         raise ValueError(f"{name} must have the strides of {like_name} {like.stride()}, got {tensor.stride()}")
 

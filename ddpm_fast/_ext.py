@@ -1,7 +1,7 @@
 """Loads the compiled extension ``ddpm_fast._C`` when it fits this torch and this CPU.
 
-When it does not (missing, built against another torch, a CPU without the instructions it
-was compiled for, or ``DDPM_FAST_NO_EXTENSION=1``), ``import ddpm_fast`` still works: this
+When it does not (missing, built against another torch or from an older source without all
+of ``OPS``, a CPU without the instructions it was compiled for, or ``DDPM_FAST_NO_EXTENSION=1``), ``import ddpm_fast`` still works: this
 module warns once and the backend choice falls back to Triton or plain PyTorch.
 """
 
@@ -9,6 +9,9 @@ import os
 import warnings
 
 import torch
+
+# The ops every build of the extension registers (torch.ops.ddpm_fast.*).
+OPS = ("q_sample", "reverse_step", "ddim_step", "group_norm_silu", "group_norm_silu_backward")
 
 loaded = False
 with_cuda = False
@@ -42,6 +45,7 @@ def _why_not(info):
 
 def _load():
     global loaded, with_cuda, reason
+    loaded, with_cuda = False, False
     if os.environ.get("DDPM_FAST_NO_EXTENSION") == "1":
         reason = "DDPM_FAST_NO_EXTENSION=1 is set"
         return
@@ -55,6 +59,11 @@ def _load():
             from . import _C  # noqa: F401  (registers torch.ops.ddpm_fast.*)
         except (ImportError, OSError) as error:
             reason = f"it failed to load: {error}"
+    if reason is None:
+        missing = [name for name in OPS if not hasattr(torch.ops.ddpm_fast, name)]
+        if missing:
+            reason = (f"it lacks the ops {', '.join(missing)} (built from an older ddpm_fast; "
+                      "reinstall with `pip install --no-build-isolation .`)")
     if reason is None:
         loaded, with_cuda = True, bool(info.WITH_CUDA)
     else:

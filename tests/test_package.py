@@ -86,3 +86,24 @@ def test_info_reports_versions_and_backends():
     assert torch.__version__ in result.stdout
     for backend in ("torch", "triton", "cuda", "cpu"):
         assert backend in result.stdout
+
+
+def test_extension_without_every_op_is_not_used():
+    """An extension built from an older source (some ops missing) is refused as a whole."""
+    result = _run_python("""
+        import warnings
+        warnings.simplefilter("ignore")
+        from ddpm_fast import _build_info, _ext
+        if not _build_info.EXTENSION:
+            print("no extension")
+            raise SystemExit
+        _ext.OPS = _ext.OPS + ("no_such_op",)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _ext._load()
+        assert not _ext.loaded, "an extension lacking an op must not be used"
+        print(_ext.reason, "|", caught[0].message)
+    """)
+    assert result.returncode == 0, result.stderr
+    if "no extension" not in result.stdout:
+        assert "it lacks the ops no_such_op" in result.stdout

@@ -41,9 +41,6 @@ def _triton_ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Te
     return diffusion_steps.reverse_step(x_t, model_output, t, table, clip_denoised, noise, seed)
 
 
-_OP_NAMES = ("q_sample", "reverse_step", "ddim_step")
-# The extension's ops, when the loaded extension has all of them.
-_EXTENSION_HAS_OPS = _ext.loaded and all(hasattr(torch.ops.ddpm_fast, name) for name in _OP_NAMES)
 
 # ----------------------------------------------------------------------------- fake impls + autograd
 
@@ -106,19 +103,14 @@ def _register(namespace):
 
 
 _register("ddpm_fast_triton")
-if _EXTENSION_HAS_OPS:
+if _ext.loaded:
     _register("ddpm_fast")
 
 # ----------------------------------------------------------------------------- public functions
 
 
 def _kernel_op(backend, name):
-    if backend == "triton":
-        return getattr(torch.ops.ddpm_fast_triton, name)
-    if not _EXTENSION_HAS_OPS:
-        raise backends.BackendUnavailableError(f"the loaded C++ extension has no ddpm_fast::{name} op "
-                                               "(rebuild it with `pip install --no-build-isolation .`)")
-    return getattr(torch.ops.ddpm_fast, name)
+    return getattr(torch.ops.ddpm_fast_triton if backend == "triton" else torch.ops.ddpm_fast, name)
 
 
 def _check_table(table, columns, device, num_rows=None):

@@ -81,11 +81,8 @@ def _register(namespace):
                                     setup_context=_setup_forward)
 
 
-# An extension built before these ops existed has none of them: its backends then cannot run this op.
-_EXTENSION_HAS_OPS = _ext.loaded and hasattr(torch.ops.ddpm_fast, "group_norm_silu")
-
 _register("ddpm_fast_triton")
-if _EXTENSION_HAS_OPS:
+if _ext.loaded:
     _register("ddpm_fast")
 
 # ----------------------------------------------------------------------------- public function
@@ -127,11 +124,6 @@ def group_norm_silu(x, weight=None, bias=None, num_groups=32, eps=1e-5, backend=
     """
     weight, bias = _check_args(x, weight, bias, num_groups, eps)
     name = backends.resolve(backend, x.device)
-    if name in ("cpu", "cuda") and not _EXTENSION_HAS_OPS:
-        if backends.requested(backend) != "auto":
-            raise backends.BackendUnavailableError(
-                f"backend={name!r}: the loaded C++ extension has no group_norm_silu (rebuild it)")
-        name = "torch"
     if name == "torch" or x.dtype == torch.float64:
         return reference.group_norm_silu(x, weight, bias, num_groups, eps)
     ns = torch.ops.ddpm_fast_triton if name == "triton" else torch.ops.ddpm_fast

@@ -257,6 +257,10 @@ class GaussianDiffusion:
     def reverse_step(self, model_output, x_t, t, *, noise=None, generator=None, clip_denoised=False):
         """x_{t-1} = mean + sqrt(var) * z from a model output already computed (one fused pass)."""
         t = self._check("x_t", x_t, t)
+        return self._reverse_step(model_output, x_t, t, noise, generator, clip_denoised)
+
+    def _reverse_step(self, model_output, x_t, t, noise, generator, clip_denoised):
+        """reverse_step for a t already checked."""
         if model_output.dtype != x_t.dtype:
             model_output = model_output.to(x_t.dtype)
         tables = self._tables(x_t.device)
@@ -270,9 +274,9 @@ class GaussianDiffusion:
 
     def p_sample(self, denoise_model, x_t, t, *, noise=None, generator=None, clip_denoised=False):
         """One reverse step x_t -> x_{t-1}; no noise is added where t == 0."""
-        self._check("x_t", x_t, t)
+        t = self._check("x_t", x_t, t)
         model_output = self._call_model(denoise_model, x_t, t)
-        return self.reverse_step(model_output, x_t, t, noise=noise, generator=generator, clip_denoised=clip_denoised)
+        return self._reverse_step(model_output, x_t, t, noise, generator, clip_denoised)
 
     @torch.no_grad()
     def p_sample_loop(self, denoise_model, shape, *, generator=None, progress=False, clip_denoised=False,

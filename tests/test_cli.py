@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -166,7 +167,10 @@ def test_info_and_python_m_entry_points(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     assert f"torch {torch.__version__}" in text and "backends for cpu tensors:" in text and "auto ->" in text
-    via_module = subprocess.run([sys.executable, "-m", "ddpm_fast", "info"], capture_output=True, text=True)
+    # Run from a neutral directory, so the installed package is imported, not the source tree.
+    via_module = subprocess.run([sys.executable, "-m", "ddpm_fast", "info"], capture_output=True, text=True,
+                                cwd=tempfile.gettempdir())
     assert via_module.returncode == 0, via_module.stderr
-    via_info = subprocess.run([sys.executable, "-m", "ddpm_fast.info"], capture_output=True, text=True)
+    via_info = subprocess.run([sys.executable, "-m", "ddpm_fast.info"], capture_output=True, text=True,
+                              cwd=tempfile.gettempdir())
     assert via_info.stdout == via_module.stdout and "C++ extension:" in via_info.stdout

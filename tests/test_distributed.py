@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -23,7 +24,10 @@ def _torchrun(*argv, timeout=120):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "ddpm_fast.cli", *argv]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    # From a neutral directory: `-m` puts the working directory first on sys.path, and the source
+    # tree there would shadow the installed package.
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=tempfile.gettempdir())
 
 
 def test_two_process_training_matches_one_process(tmp_path):

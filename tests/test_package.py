@@ -4,6 +4,7 @@ import importlib.metadata
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -14,8 +15,10 @@ from ddpm_fast import _ext
 
 
 def _run_python(code, **env):
+    # From a neutral directory: `python -c` puts the working directory first on sys.path, and the
+    # source tree there would shadow the installed package.
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                          env={**os.environ, **env}, timeout=300)
+                          env={**os.environ, **env}, timeout=300, cwd=tempfile.gettempdir())
 
 
 def test_extension_is_loaded_when_it_was_built():
@@ -81,7 +84,8 @@ def test_explicit_cpu_backend_without_extension_says_why():
 
 
 def test_info_reports_versions_and_backends():
-    result = subprocess.run([sys.executable, "-m", "ddpm_fast.info"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "ddpm_fast.info"], capture_output=True, text=True, timeout=300,
+                            cwd=tempfile.gettempdir())
     assert result.returncode == 0, result.stderr
     assert torch.__version__ in result.stdout
     for backend in ("torch", "triton", "cuda", "cpu"):

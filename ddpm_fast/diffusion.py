@@ -21,7 +21,8 @@ from tqdm.auto import tqdm
 
 from . import backends, ops, reference, schedules
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
-from .ops._common import check_float, check_timesteps, draw_seed
+from .ops._common import draw_seed
+from .validation import check_float, check_timesteps
 
 LOSS_TYPES = ("mse", "l1", "vlb")
 

@@ -18,6 +18,11 @@ Coefficient tables (float32, shape [T, K], contiguous):
   The DDPM reverse step (posterior mean + sqrt(var) * z, any prediction type) and the DDIM
   step (any eta) are both of this form; only their tables differ. "No noise at t = 0" is
   ``SIGMA = 0`` in that row of the DDPM table.
+* DPM-Solver++ step, K = 5, rows indexed by the solver step (not by t): the same arithmetic
+  with the previous step's x0 prediction in the place of z (column ``X0_PREV``), and the new
+  x0 (clamped with clip_denoised) returned as a second output::
+
+      x_next = table[i, OUT_FROM_X0] * x0 + table[i, OUT_FROM_XT] * x + table[i, X0_PREV] * x0_prev
 
 In-kernel noise (every backend draws the same numbers): for a one-element int64 ``seed``
 tensor and the element at linear storage index ``i`` (batch-outermost dense layout),
@@ -37,6 +42,8 @@ SQRT_ALPHAS_CUMPROD, SQRT_ONE_MINUS_ALPHAS_CUMPROD = 0, 1
 # Columns of the reverse-step / DDIM-step table.
 X0_FROM_XT, X0_FROM_MODEL, OUT_FROM_X0, OUT_FROM_XT, SIGMA = 0, 1, 2, 3, 4
 STEP_TABLE_COLUMNS = 5
+# The DPM-Solver++ step table has the same columns, with the last one weighting the previous x0.
+X0_PREV = SIGMA
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -56,19 +63,34 @@ def q_sample(x_start, t, table, noise):
     return a * x_start + s * noise
 
 
-def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None):
-    """One reverse (or DDIM) step from the step table; noise=None means z = 0."""
-    x0_from_xt, x0_from_model, out_from_x0, out_from_xt, sigma = _rows(table, t, x_t)
+def _step(x_t, model_output, t, table, clip_denoised, z):
+    """(out, x0) of the step-table arithmetic; z=None means z = 0."""
+    x0_from_xt, x0_from_model, out_from_x0, out_from_xt, out_from_z = _rows(table, t, x_t)
     x0 = x0_from_xt * x_t + x0_from_model * model_output
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
     out = out_from_x0 * x0 + out_from_xt * x_t
-    if noise is not None:
-        out = out + sigma * noise
-    return out
+    if z is not None:
+        out = out + out_from_z * z
+    return out, x0
+
+
+def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None):
+    """One reverse (or DDIM) step from the step table; noise=None means z = 0."""
+    return _step(x_t, model_output, t, table, clip_denoised, noise)[0]
 
 
 ddim_step = reverse_step  # same arithmetic, a table built from the DDIM coefficients
+
+
+def dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised=False):
+    """One DPM-Solver++ multistep update; returns (x_next, x0).
+
+    The step table's arithmetic with the previous step's x0 prediction in the place of z
+    (column X0_PREV; x0_prev=None means 0, the first step), and the new x0 prediction
+    returned too: the next step's x0_prev.
+    """
+    return _step(x, model_output, index, table, clip_denoised, x0_prev)
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import check_like, is_batch_dense
+from ..ops._common import is_batch_dense
+from ..validation import check_like
 from .philox import philox_normal_block
 
 # Memory-bound: 2048 elements per program over 8 warps is 8 elements per thread, two 16-byte

@@ -12,7 +12,8 @@ The arithmetic and the coefficient tables are documented in ``ddpm_fast.referenc
 import torch
 
 from .. import _ext, backends, reference
-from ._common import batch_dense, check_float, check_like, check_timesteps, same_layout
+from ..validation import check_batched, check_bool, check_float, check_like, check_timesteps
+from ._common import batch_dense, same_layout
 
 # ----------------------------------------------------------------------------- Triton ops
 
@@ -40,6 +41,14 @@ def _triton_ddim_step(x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Te
 
     return diffusion_steps.reverse_step(x_t, model_output, t, table, clip_denoised, noise, seed)
 
+
+@torch.library.custom_op("ddpm_fast_triton::dpm_solver_step", mutates_args=())
+def _triton_dpm_solver_step(x: torch.Tensor, model_output: torch.Tensor, x0_prev: torch.Tensor | None,
+                            index: torch.Tensor, table: torch.Tensor,
+                            clip_denoised: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    from ..kernels import diffusion_steps
+
+    return diffusion_steps.dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised)
 
 
 # ----------------------------------------------------------------------------- fake impls + autograd
@@ -94,12 +103,50 @@ def _backward_step(ctx, grad_out):
     return grad_x_t, grad_model, None, None, None, grad_noise, None
 
 
+def _fake_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _setup_dpm_solver_step(ctx, inputs, output):
+    x, model_output, x0_prev, index, table, clip_denoised = inputs
+    ctx.clip_denoised = clip_denoised
+    ctx.x0_prev_given = x0_prev is not None
+    ctx.save_for_backward(x, model_output, index, table)
+
+
+def _backward_dpm_solver_step(ctx, grad_out, grad_x0):
+    # out = P * x0 + Q x + R x0_prev with x0 = clip(A x + B m), itself the second output.
+    x, model_output, index, table = ctx.saved_tensors
+    like = grad_out if grad_out is not None else grad_x0
+    col = lambda c: _column(table, index, c, like)  # noqa: E731
+    grad_x0_total = torch.zeros_like(like)
+    if grad_out is not None:
+        grad_x0_total = grad_x0_total + grad_out * col(reference.OUT_FROM_X0)
+    if grad_x0 is not None:
+        grad_x0_total = grad_x0_total + grad_x0
+    if ctx.clip_denoised:
+        x0 = col(reference.X0_FROM_XT) * x + col(reference.X0_FROM_MODEL) * model_output
+        grad_x0_total = grad_x0_total * ((x0 > -1.0) & (x0 < 1.0))
+    grad_x = grad_x0_total * col(reference.X0_FROM_XT)
+    if grad_out is not None:
+        grad_x = grad_x + grad_out * col(reference.OUT_FROM_XT)
+    grad_model = grad_x0_total * col(reference.X0_FROM_MODEL)
+    grad_x0_prev = None
+    if ctx.x0_prev_given:
+        grad_x0_prev = grad_out * col(reference.X0_PREV) if grad_out is not None else torch.zeros_like(like)
+    return grad_x, grad_model, grad_x0_prev, None, None, None
+
+
 def _register(namespace):
     torch.library.register_fake(f"{namespace}::q_sample", _fake_q_sample)
     torch.library.register_autograd(f"{namespace}::q_sample", _backward_q_sample, setup_context=_setup_q_sample)
     for name in ("reverse_step", "ddim_step"):
         torch.library.register_fake(f"{namespace}::{name}", _fake_step)
         torch.library.register_autograd(f"{namespace}::{name}", _backward_step, setup_context=_setup_step)
+    if hasattr(getattr(torch.ops, namespace), "dpm_solver_step"):  # TEMPORARY until the C++ op exists
+        torch.library.register_fake(f"{namespace}::dpm_solver_step", _fake_dpm_solver_step)
+        torch.library.register_autograd(f"{namespace}::dpm_solver_step", _backward_dpm_solver_step,
+                                        setup_context=_setup_dpm_solver_step)
 
 
 _register("ddpm_fast_triton")
@@ -187,3 +234,27 @@ def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None, s
 def ddim_step(x_t, model_output, t, table, clip_denoised=False, noise=None, seed=None, backend="auto"):
     """The DDIM step from t to t_prev in one pass; ``table`` holds the DDIM coefficients."""
     return _step("ddim_step", x_t, model_output, t, table, clip_denoised, noise, seed, backend)
+
+
+def dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised=False, backend="auto"):
+    """One DPM-Solver++ multistep update in one pass; returns (x_next, x0).
+
+    x0 = table[i, 0] * x + table[i, 1] * model_output (clamped to [-1, 1] with clip_denoised)
+    and x_next = table[i, 2] * x0 + table[i, 3] * x + table[i, 4] * x0_prev, with i = index[b]
+    for batch element b (see ``reference.dpm_solver_step``). ``x0_prev`` is the x0 this op
+    returned at the previous solver step, or None for the first step (a zero column).
+    """
+    check_batched("x", x)
+    check_like("model_output", model_output, "x", x)
+    if x0_prev is not None:
+        check_like("x0_prev", x0_prev, "x", x)
+    table = _check_table(table, reference.STEP_TABLE_COLUMNS, x.device)
+    index = check_timesteps(index, x.shape[0], table.shape[0], x.device, name="index")
+    check_bool("clip_denoised", clip_denoised)
+    name = backends.resolve(backend, x.device)
+    if name == "torch" or x.dtype == torch.float64:
+        return reference.dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised)
+    x = batch_dense(x)
+    model_output = same_layout(model_output, x)
+    x0_prev = None if x0_prev is None else same_layout(x0_prev, x)
+    return _kernel_op(name, "dpm_solver_step")(x, model_output, x0_prev, index, table, clip_denoised)

@@ -11,7 +11,8 @@ the matching backward op, which recomputes the rest.
 import torch
 
 from .. import _ext, backends, reference
-from ._common import batch_dense, check_float, same_layout
+from ..validation import check_float
+from ._common import batch_dense, same_layout
 
 # ----------------------------------------------------------------------------- Triton ops
 

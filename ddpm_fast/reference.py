@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 # Columns of the q_sample table.
 SQRT_ALPHAS_CUMPROD, SQRT_ONE_MINUS_ALPHAS_CUMPROD = 0, 1
+Q_SAMPLE_COLUMNS = 2
 # Columns of the reverse-step / DDIM-step table.
 X0_FROM_XT, X0_FROM_MODEL, OUT_FROM_X0, OUT_FROM_XT, SIGMA = 0, 1, 2, 3, 4
 STEP_TABLE_COLUMNS = 5

@@ -6,6 +6,7 @@ float64 on the CPU and computed once per GaussianDiffusion (or once per DDIM loo
 
 import math
 
+import numpy as np
 import torch
 
 from . import reference
@@ -35,17 +36,25 @@ def cosine_betas(num_timesteps, s=0.008, max_beta=0.999):
 def make_betas(schedule="linear", num_timesteps=1000, beta_start=1e-4, beta_end=0.02, betas=None):
     """The float64 betas for a named schedule or an explicit sequence, validated."""
     if betas is not None:
-        betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        try:
+            betas = torch.as_tensor(betas, dtype=torch.float64).detach().cpu().clone()
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(f"betas must be a 1-D sequence of numbers, got {type(betas).__name__}: {error}") from None
         if betas.dim() != 1 or betas.numel() == 0:
             raise ValueError(f"betas must be a non-empty 1-D sequence, got shape {list(betas.shape)}")
-        if not bool(((betas > 0) & (betas <= 1)).all()):
-            raise ValueError(f"betas must lie in (0, 1], got values from {betas.min().item()} to {betas.max().item()}")
+        if not bool((torch.isfinite(betas) & (betas > 0) & (betas < 1)).all()):
+            raise ValueError(f"betas must lie in (0, 1) (beta = 1 leaves no signal: alpha_bar = 0), got values from "
+                             f"{betas.min().item()} to {betas.max().item()}")
         return betas
-    if not isinstance(num_timesteps, int) or isinstance(num_timesteps, bool) or num_timesteps < 1:
+    if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 1:
         raise ValueError(f"num_timesteps must be a positive int, got {num_timesteps!r}")
     if schedule == "linear":
-        if not 0 < beta_start <= beta_end < 1:
-            raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={beta_start}, beta_end={beta_end}")
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{name} must be a finite number, got {value!r}")
+        if not 0 < beta_start < beta_end < 1:
+            raise ValueError(f"the linear schedule needs 0 < beta_start < beta_end < 1 (noise grows with t), "
+                             f"got beta_start={beta_start}, beta_end={beta_end}")
         return linear_betas(num_timesteps, beta_start, beta_end)
     if schedule == "cosine":
         return cosine_betas(num_timesteps)
@@ -147,8 +156,133 @@ def ddim_step_rows(alphas_cumprod_t, alphas_cumprod_prev, eta, prediction_type):
     ], dim=-1)
 
 
-def ddim_timesteps(num_timesteps, num_steps):
-    """num_steps timesteps evenly spaced over [0, T - 1], ascending (T - 1 always included)."""
-    if not isinstance(num_steps, int) or isinstance(num_steps, bool) or not 1 <= num_steps <= num_timesteps:
-        raise ValueError(f"num_steps must be an int in [1, {num_timesteps}], got {num_steps!r}")
-    return torch.linspace(0, num_timesteps - 1, num_steps, dtype=torch.float64).round().long().unique()
+SPACINGS = ("linspace", "leading", "trailing")
+FINAL_SIGMAS = ("zero", "sigma_min")
+
+
+def _check_steps(num_steps, upper):
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not 1 <= num_steps <= upper:
+        raise ValueError(f"num_steps must be an int in [1, {upper}], got {num_steps!r}")
+
+
+def _strictly_descending(timesteps, num_timesteps, what):
+    """The timesteps as int64 (descending); raises when they repeat or leave [0, T)."""
+    timesteps = torch.from_numpy(np.ascontiguousarray(timesteps, dtype=np.int64))
+    if len(timesteps) > 1 and not bool((timesteps[1:] < timesteps[:-1]).all()):
+        raise ValueError(f"num_steps is too large for {what}: the timesteps {timesteps.tolist()} repeat")
+    if int(timesteps.min()) < 0 or int(timesteps.max()) >= num_timesteps:
+        raise ValueError(f"{what} gives timesteps outside [0, {num_timesteps}): {timesteps.tolist()} "
+                         f"(is steps_offset too large?)")
+    return timesteps
+
+
+def ddim_timesteps(num_timesteps, num_steps, spacing="linspace", steps_offset=0):
+    """The timesteps of a strided sampler (DDIM), descending: diffusers' DDIMScheduler.set_timesteps.
+
+    "linspace": num_steps rounded points of [0, T - 1] (T - 1 and 0 included); "leading":
+    multiples of T // num_steps plus steps_offset; "trailing": T - 1 down in steps of
+    T / num_steps. The sampler steps from each timestep to the next one, then to x_0.
+    Computed with numpy as diffusers does, so the rounding agrees to the last tie.
+    """
+    _check_steps(num_steps, num_timesteps)
+    if spacing == "linspace":
+        timesteps = np.linspace(0, num_timesteps - 1, num_steps).round()[::-1]
+    elif spacing == "leading":
+        timesteps = (np.arange(0, num_steps) * (num_timesteps // num_steps)).round()[::-1] + steps_offset
+    elif spacing == "trailing":
+        timesteps = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)) - 1
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    return _strictly_descending(timesteps, num_timesteps, f"spacing={spacing!r} with num_steps={num_steps}")
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++
+
+def sigmas_from_alphas_cumprod(alphas_cumprod):
+    """The noise levels sigma_t = sqrt((1 - abar_t) / abar_t) of the variance-exploding view."""
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def karras_sigmas(sigma_min, sigma_max, num_steps, rho=7.0):
+    """Karras et al. 2022, eq. 5: num_steps noise levels from sigma_max down to sigma_min."""
+    ramp = np.linspace(0, 1, num_steps)
+    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+
+
+def sigma_to_timestep(sigma, log_sigmas):
+    """The fractional timestep of each sigma, interpolating log sigma (diffusers' _sigma_to_t)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum((dists >= 0), axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    low, high = log_sigmas[low_idx], log_sigmas[low_idx + 1]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * (low_idx + 1)).reshape(sigma.shape)
+
+
+def dpm_solver_timesteps(alphas_cumprod, num_steps, spacing="linspace", steps_offset=0, karras=False,
+                         final_sigma="zero", round_karras=True):
+    """(timesteps [N] int64 descending, sigmas [N + 1] float64) of diffusers' DPMSolverMultistepScheduler.
+
+    The model is evaluated at timestep i with noise level sigmas[i]; the last sigma is 0
+    ("zero": the solver ends on x_0) or sigma_0 ("sigma_min"). With Karras sigmas the noise
+    levels come from Karras et al.'s schedule and the timesteps from interpolating log sigma
+    (rounded, except for the cosine schedule, where diffusers truncates: round_karras=False).
+    """
+    num_timesteps = len(alphas_cumprod)
+    _check_steps(num_steps, num_timesteps)
+    if final_sigma not in FINAL_SIGMAS:
+        raise ValueError(f"final_sigma must be one of {FINAL_SIGMAS}, got {final_sigma!r}")
+    all_sigmas = sigmas_from_alphas_cumprod(alphas_cumprod.double()).numpy()
+    if karras:
+        sigmas = karras_sigmas(all_sigmas[0], all_sigmas[-1], num_steps)
+        timesteps = sigma_to_timestep(sigmas, np.log(all_sigmas))
+        timesteps = timesteps.round() if round_karras else np.trunc(timesteps)
+        what = f"Karras sigmas with num_steps={num_steps}"
+    else:
+        if spacing == "linspace":
+            timesteps = np.linspace(0, num_timesteps - 1, num_steps + 1).round()[::-1][:-1]
+        elif spacing == "leading":
+            step_ratio = num_timesteps // (num_steps + 1)
+            timesteps = (np.arange(0, num_steps + 1) * step_ratio).round()[::-1][:-1] + steps_offset
+        elif spacing == "trailing":
+            timesteps = np.arange(num_timesteps, 0, -num_timesteps / num_steps).round() - 1
+        else:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+        what = f"spacing={spacing!r} with num_steps={num_steps}"
+        timesteps = _strictly_descending(timesteps, num_timesteps, what).numpy()
+        sigmas = all_sigmas[timesteps]
+    timesteps = torch.from_numpy(np.ascontiguousarray(timesteps, dtype=np.int64))
+    last = 0.0 if final_sigma == "zero" else all_sigmas[0]
+    return timesteps, torch.from_numpy(np.concatenate([sigmas, [last]])).double()
+
+
+def dpm_solver_step_rows(sigmas, order, lower_order_final, prediction_type):
+    """[N, 5] float64 rows of DPM-Solver++ (data prediction, multistep, midpoint) over sigmas [N + 1].
+
+    With alpha(s) = 1 / sqrt(1 + s^2), the VP pair (alpha_s, alpha_s * s) and h = log(s / s_next):
+    first order (= DDIM with eta = 0):  x' = (alpha' s' / (alpha s)) x + alpha' (1 - e^-h) x0;
+    second order, midpoint (Lu et al. 2022, alg. 2), with r = h_prev / h:
+        x' = (alpha' s' / (alpha s)) x + alpha' (1 - e^-h) (x0 + (x0 - x0_prev) / (2 r)).
+    The first step, every step of order 1, and the last step when it ends on sigma = 0 (or,
+    with lower_order_final, when there are fewer than 15 steps) are first order, as in diffusers.
+    """
+    num_steps = len(sigmas) - 1
+    sigma, sigma_next = sigmas[:-1], sigmas[1:]
+    alpha, alpha_next = (1 + sigma**2).rsqrt(), (1 + sigma_next**2).rsqrt()
+    ratio = sigma_next / sigma  # e^-h
+    out_from_x0 = alpha_next * (1 - ratio)
+    x0_prev = torch.zeros_like(sigma)
+    second = torch.full_like(sigma, order >= 2, dtype=torch.bool)
+    second[0] = False
+    final_first_order = sigma_next[-1] == 0 or (lower_order_final and num_steps < 15)
+    if final_first_order:
+        second[-1] = False
+    if bool(second.any()):
+        h = torch.log(sigma / sigma_next)
+        h_prev = torch.cat([h.new_ones(1), h[:-1]])
+        half_over_r = 0.5 * h / h_prev
+        x0_prev = torch.where(second, -out_from_x0 * half_over_r, x0_prev)
+        out_from_x0 = torch.where(second, out_from_x0 * (1 + half_over_r), out_from_x0)
+    x0_from_x, x0_from_model = x0_coefficients(alpha**2, prediction_type)
+    return torch.stack([x0_from_x, x0_from_model, out_from_x0, alpha_next * ratio / alpha, x0_prev], dim=-1)

@@ -101,10 +101,15 @@ def check_number(name, value, minimum=None, maximum=None, *, open_min=False, ope
     low_ok = minimum is None or (value > minimum if open_min else value >= minimum)
     high_ok = maximum is None or (value < maximum if open_max else value <= maximum)
     if not math.isfinite(value) or not (low_ok and high_ok):
-        low = "" if minimum is None else f"{'(' if open_min else '['}{minimum}"
-        high = "" if maximum is None else f"{maximum}{')' if open_max else ']'}"
-        where = f"in {low or '(-inf'}, {high or 'inf)'}"
-        raise ValueError(f"{name} must be a finite number {where}, got {value}")
+        if maximum is None and minimum is None:
+            where = ""
+        elif maximum is None:
+            where = f" {'>' if open_min else '>='} {minimum:g}"
+        elif minimum is None:
+            where = f" {'<' if open_max else '<='} {maximum:g}"
+        else:
+            where = f" in {'(' if open_min else '['}{minimum:g}, {maximum:g}{')' if open_max else ']'}"
+        raise ValueError(f"{name} must be a finite number{where}, got {value}")
     return value
 
 

@@ -283,7 +283,7 @@ def test_bad_arguments_name_themselves():
         GaussianDiffusion(betas=[0.1, 1.5])
     with pytest.raises(ValueError, match="num_steps must be an int in"):
         d.ddim_sample_loop(model, (1, 3, 4, 4), num_steps=11)
-    with pytest.raises(ValueError, match="eta must be a number >= 0"):
+    with pytest.raises(ValueError, match="eta must be a finite number >= 0, got -1"):
         d.ddim_sample(model, x, torch.tensor([5, 5]), torch.tensor([2, 2]), eta=-1)
     with pytest.raises(ValueError, match="t_prev"):
         d.ddim_sample(model, x, torch.tensor([5, 5]), torch.tensor([2, -2]))

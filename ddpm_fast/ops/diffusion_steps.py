@@ -12,7 +12,7 @@ The arithmetic and the coefficient tables are documented in ``ddpm_fast.referenc
 import torch
 
 from .. import _ext, backends, reference
-from ..validation import check_batched, check_bool, check_float, check_like, check_timesteps
+from ..validation import check_batched, check_bool, check_like, check_tensor, check_timesteps, describe
 from ._common import batch_dense, same_layout
 
 # ----------------------------------------------------------------------------- Triton ops
@@ -160,22 +160,71 @@ def _kernel_op(backend, name):
     return getattr(torch.ops.ddpm_fast_triton if backend == "triton" else torch.ops.ddpm_fast, name)
 
 
-def _check_table(table, columns, device, num_rows=None):
-    if not isinstance(table, torch.Tensor) or table.dtype != torch.float32 or table.dim() != 2 \
-            or table.shape[1] != columns:
-        got = f"{table.dtype} {list(table.shape)}" if isinstance(table, torch.Tensor) else type(table).__name__
-        raise ValueError(f"table must be a float32 tensor of shape [T, {columns}], got {got}")
+def _check_table(table, columns, device):
+    check_tensor("table", table)
+    if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != columns or table.shape[0] == 0:
+        raise ValueError(f"table must be a float32 tensor of shape [T, {columns}] with T > 0, got {describe(table)}")
     if table.device != device:
         raise ValueError(f"table must be on the input's device ({device}), got {table.device}")
     return table.contiguous()
 
 
-def _check_noise(noise, like, like_name):
-    if noise is None:
-        return None
-    check_float("noise", noise)
-    check_like("noise", noise, like_name, like)
-    return same_layout(noise, like)
+def _check_seed(seed, device):
+    check_tensor("seed", seed)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise ValueError(f"seed must be a one-element int64 tensor (see ddpm_fast.ops._common.draw_seed), "
+                         f"got {describe(seed)}")
+    if seed.device != device:
+        raise ValueError(f"seed must be on the input's device ({device}), got {seed.device}")
+
+
+def _check_step_args(x_name, x, model_output, t, t_name, table, clip_denoised, noise_name, noise, seed):
+    """The checks shared by the step ops; returns (t as int64, contiguous table)."""
+    check_batched(x_name, x)
+    check_like("model_output", model_output, x_name, x)
+    if noise is not None:
+        check_like(noise_name, noise, x_name, x)
+    if seed is not None:
+        _check_seed(seed, x.device)
+    table = _check_table(table, reference.STEP_TABLE_COLUMNS, x.device)
+    t = check_timesteps(t, x.shape[0], table.shape[0], x.device, name=t_name)
+    check_bool("clip_denoised", clip_denoised)
+    return t, table
+
+
+# The run_* functions take checked arguments and the name of the backend that runs; the
+# diffusion layer calls them after validating its own arguments.
+
+def run_q_sample(x_start, t, table, noise, seed, backend):
+    if backend == "torch" or x_start.dtype == torch.float64:
+        if noise is None:
+            noise = reference.philox_normal_like(x_start, int(seed)).to(x_start.dtype)
+        return reference.q_sample(x_start, t, table, noise), noise
+    x_start = batch_dense(x_start)
+    noise = None if noise is None else same_layout(noise, x_start)
+    x_t, drawn = _kernel_op(backend, "q_sample")(x_start, t, table, noise, seed)
+    return x_t, (drawn if noise is None else noise)
+
+
+def run_step(op_name, x_t, model_output, t, table, clip_denoised, noise, seed, backend):
+    """reverse_step / ddim_step."""
+    if backend == "torch" or x_t.dtype == torch.float64:
+        if seed is not None:
+            noise = reference.philox_normal_like(x_t, int(seed)).to(x_t.dtype)
+        return reference.reverse_step(x_t, model_output, t, table, clip_denoised, noise)
+    x_t = batch_dense(x_t)
+    model_output = same_layout(model_output, x_t)
+    noise = None if noise is None else same_layout(noise, x_t)
+    return _kernel_op(backend, op_name)(x_t, model_output, t, table, clip_denoised, noise, seed)
+
+
+def run_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised, backend):
+    if backend == "torch" or x.dtype == torch.float64:
+        return reference.dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised)
+    x = batch_dense(x)
+    model_output = same_layout(model_output, x)
+    x0_prev = None if x0_prev is None else same_layout(x0_prev, x)
+    return _kernel_op(backend, "dpm_solver_step")(x, model_output, x0_prev, index, table, clip_denoised)
 
 
 def q_sample(x_start, t, table, noise=None, seed=None, backend="auto"):
@@ -184,43 +233,24 @@ def q_sample(x_start, t, table, noise=None, seed=None, backend="auto"):
     Give ``noise``, or a one-element int64 ``seed`` tensor (``_common.draw_seed``) to draw it
     in-kernel; the noise drawn is returned as the second output (the p_losses target).
     """
-    check_float("x_start", x_start)
-    if x_start.dim() < 1 or x_start.shape[0] == 0:
-        raise ValueError(f"x_start must have a non-empty batch dimension first, got shape {tuple(x_start.shape)}")
-    table = _check_table(table, 2, x_start.device)
-    t = check_timesteps(t, x_start.shape[0], table.shape[0], x_start.device)
+    check_batched("x_start", x_start)
     if (noise is None) == (seed is None):
         raise ValueError("q_sample takes exactly one of noise= (given noise) or seed= (noise drawn in-kernel)")
-    name = backends.resolve(backend, x_start.device)
-    if name == "torch" or x_start.dtype == torch.float64:
-        if noise is None:
-            noise = reference.philox_normal_like(x_start, int(seed)).to(x_start.dtype)
-        return reference.q_sample(x_start, t, table, noise), noise
-    x_start = batch_dense(x_start)
-    noise = _check_noise(noise, x_start, "x_start")
-    x_t, drawn = _kernel_op(name, "q_sample")(x_start, t, table, noise, seed)
-    return x_t, (drawn if noise is None else noise)
+    if noise is not None:
+        check_like("noise", noise, "x_start", x_start)
+    else:
+        _check_seed(seed, x_start.device)
+    table = _check_table(table, reference.Q_SAMPLE_COLUMNS, x_start.device)
+    t = check_timesteps(t, x_start.shape[0], table.shape[0], x_start.device)
+    return run_q_sample(x_start, t, table, noise, seed, backends.resolve(backend, x_start.device))
 
 
 def _step(op_name, x_t, model_output, t, table, clip_denoised, noise, seed, backend):
-    check_float("x_t", x_t)
-    check_float("model_output", model_output)
-    check_like("model_output", model_output, "x_t", x_t)
-    if x_t.dim() < 1 or x_t.shape[0] == 0:
-        raise ValueError(f"x_t must have a non-empty batch dimension first, got shape {tuple(x_t.shape)}")
-    table = _check_table(table, reference.STEP_TABLE_COLUMNS, x_t.device)
-    t = check_timesteps(t, x_t.shape[0], table.shape[0], x_t.device)
     if noise is not None and seed is not None:
         raise ValueError("give at most one of noise= (given noise) and seed= (noise drawn in-kernel)")
-    name = backends.resolve(backend, x_t.device)
-    if name == "torch" or x_t.dtype == torch.float64:
-        if seed is not None:
-            noise = reference.philox_normal_like(x_t, int(seed)).to(x_t.dtype)
-        return reference.reverse_step(x_t, model_output, t, table, bool(clip_denoised), noise)
-    x_t = batch_dense(x_t)
-    model_output = same_layout(model_output, x_t)
-    noise = _check_noise(noise, x_t, "x_t")
-    return _kernel_op(name, op_name)(x_t, model_output, t, table, bool(clip_denoised), noise, seed)
+    t, table = _check_step_args("x_t", x_t, model_output, t, "t", table, clip_denoised, "noise", noise, seed)
+    return run_step(op_name, x_t, model_output, t, table, clip_denoised, noise, seed,
+                    backends.resolve(backend, x_t.device))
 
 
 def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None, seed=None, backend="auto"):
@@ -244,17 +274,7 @@ def dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised=False,
     for batch element b (see ``reference.dpm_solver_step``). ``x0_prev`` is the x0 this op
     returned at the previous solver step, or None for the first step (a zero column).
     """
-    check_batched("x", x)
-    check_like("model_output", model_output, "x", x)
-    if x0_prev is not None:
-        check_like("x0_prev", x0_prev, "x", x)
-    table = _check_table(table, reference.STEP_TABLE_COLUMNS, x.device)
-    index = check_timesteps(index, x.shape[0], table.shape[0], x.device, name="index")
-    check_bool("clip_denoised", clip_denoised)
-    name = backends.resolve(backend, x.device)
-    if name == "torch" or x.dtype == torch.float64:
-        return reference.dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised)
-    x = batch_dense(x)
-    model_output = same_layout(model_output, x)
-    x0_prev = None if x0_prev is None else same_layout(x0_prev, x)
-    return _kernel_op(name, "dpm_solver_step")(x, model_output, x0_prev, index, table, clip_denoised)
+    index, table = _check_step_args("x", x, model_output, index, "index", table, clip_denoised, "x0_prev",
+                                    x0_prev, None)
+    return run_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised,
+                               backends.resolve(backend, x.device))

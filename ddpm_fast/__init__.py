@@ -7,4 +7,4 @@ kernels (Triton, CUDA, C++ CPU) chosen by ``ddpm_fast.backends``.
 __version__ = "0.1.0"
 
 from . import _ext, backends  # noqa: E402,F401  (loads the extension, warns once if unusable)
-from .diffusion import GaussianDiffusion  # noqa: E402,F401
+from .diffusion import GaussianDiffusion, SamplerDefaults  # noqa: E402,F401

@@ -5,6 +5,7 @@ ends with one ``ddpm-fast: error: ...`` line and a non-zero exit code, never a t
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -28,6 +29,29 @@ def _int_at_least(minimum, description):
 
 _positive_int = _int_at_least(1, "a positive integer")
 _non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _float_in(description, low=None, high=None, open_low=False, open_high=False):
+    """An argparse type: a finite float within the bounds, else 'expected <description>, got ...'."""
+
+    def parse(text):
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        ok = value is not None and math.isfinite(value)
+        ok = ok and (low is None or (value > low if open_low else value >= low))
+        ok = ok and (high is None or (value < high if open_high else value <= high))
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
+        return value
+
+    return parse
+
+
+_positive_float = _float_in("a positive number", low=0.0, open_low=True)
+_non_negative_float = _float_in("a number >= 0", low=0.0)
+_decay = _float_in("a number in [0, 1)", low=0.0, high=1.0, open_high=True)
 
 
 def _int_list(text):
@@ -57,15 +81,15 @@ def build_parser():
     train.add_argument("--steps", type=_positive_int, help="total optimizer steps (default 5000)")
     train.add_argument("--batch-size", type=_positive_int, help="global batch size, split over processes "
                                                                "(default 128)")
-    train.add_argument("--lr", type=float, help="peak AdamW learning rate (default 2e-4)")
+    train.add_argument("--lr", type=_positive_float, help="peak AdamW learning rate (default 2e-4)")
     train.add_argument("--warmup", type=_non_negative_int, help="linear learning-rate warm-up steps (default 500)")
-    train.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 0)")
-    train.add_argument("--grad-clip", type=float, help="clip the gradient norm to this (0 = off, default 1)")
+    train.add_argument("--weight-decay", type=_non_negative_float, help="AdamW weight decay (default 0)")
+    train.add_argument("--grad-clip", type=_non_negative_float, help="clip the gradient norm to this (0 = off, default 1)")
     train.add_argument("--timesteps", type=_positive_int, help="diffusion steps T (default 1000)")
     train.add_argument("--schedule", choices=["linear", "cosine"], help="beta schedule (default linear)")
     train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"], help="model target (default epsilon)")
     train.add_argument("--loss", dest="loss_type", choices=["mse", "l1", "vlb"], help="training loss (default mse)")
-    train.add_argument("--ema-decay", type=float, help="EMA decay of the weights (default 0.9999)")
+    train.add_argument("--ema-decay", type=_decay, help="EMA decay of the weights (default 0.9999)")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
                        help="autocast precision; fp16 uses a GradScaler (default fp32)")
     train.add_argument("--out", help="output folder for checkpoint.pt and samples/ (default runs/ddpm)")
@@ -90,7 +114,7 @@ def build_parser():
     sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
                         help="ddpm: all T ancestral steps; ddim: --steps steps")
     sample.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
-    sample.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
+    sample.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                         help="clamp the predicted x_0 to [-1, 1] at every step")
     sample.add_argument("--seed", type=int, default=0, help="seed of the samples")

@@ -2,6 +2,8 @@
 
 import torch
 
+from .validation import check_int, check_number, describe
+
 
 class EMA:
     """Shadow copies of a model's floating parameters and buffers.
@@ -12,9 +14,9 @@ class EMA:
     """
 
     def __init__(self, model, decay=0.9999):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"ema decay must lie in [0, 1), got {decay}")
-        self.decay = decay
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {describe(model)}")
+        self.decay = check_number("decay", decay, minimum=0.0, maximum=1.0, open_max=True)
         self.shadow = {name: value.detach().clone().float() if value.is_floating_point() else value.detach().clone()
                        for name, value in model.state_dict().items()}
 
@@ -23,6 +25,7 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model, step):
+        check_int("step", step, minimum=0)
         d = self.decay_at(step)
         for name, value in model.state_dict().items():
             shadow = self.shadow[name]

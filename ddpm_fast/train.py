@@ -22,6 +22,7 @@ from . import checkpoint as ckpt
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
 from .images import save_grid
+from .validation import check_number
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -204,12 +205,13 @@ def _resolve_options(options):
         if not isinstance(options[name], int) or options[name] < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer (0 = never), "
                               f"got {options[name]!r}")
-    if not options["lr"] > 0:
-        raise ConfigError(f"--lr must be positive, got {options['lr']}")
-    if not 0 <= options["ema_decay"] < 1:
-        raise ConfigError(f"--ema-decay must lie in [0, 1), got {options['ema_decay']}")
-    if not options["grad_clip"] >= 0:
-        raise ConfigError(f"--grad-clip must be >= 0 (0 = off), got {options['grad_clip']}")
+    numbers = {"lr": dict(minimum=0.0, open_min=True), "weight_decay": dict(minimum=0.0),
+               "grad_clip": dict(minimum=0.0), "ema_decay": dict(minimum=0.0, maximum=1.0, open_max=True)}
+    for name, bounds in numbers.items():
+        try:
+            options[name] = check_number(f"--{name.replace('_', '-')}", options[name], **bounds)
+        except (TypeError, ValueError) as error:
+            raise ConfigError(str(error)) from None
     return options
 
 

@@ -5,6 +5,7 @@ from torch import nn
 
 from .. import backends
 from ..ops.group_norm_silu import group_norm_silu
+from ..validation import check_bool, check_float, check_int, check_number
 
 
 class GroupNormSiLU(nn.Module):
@@ -18,14 +19,12 @@ class GroupNormSiLU(nn.Module):
 
     def __init__(self, num_groups, num_channels, eps=1e-5, affine=True, backend="auto"):
         super().__init__()
-        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-            raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
-        if isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels % num_groups:
-            raise ValueError(f"num_channels must be an int divisible by num_groups={num_groups}, got {num_channels!r}")
-        self.num_groups = num_groups
-        self.num_channels = num_channels
-        self.eps = eps
-        self.affine = affine
+        self.num_groups = check_int("num_groups", num_groups, minimum=1)
+        self.num_channels = check_int("num_channels", num_channels, minimum=1)
+        if num_channels % num_groups:
+            raise ValueError(f"num_channels must be divisible by num_groups={num_groups}, got {num_channels}")
+        self.eps = check_number("eps", eps, minimum=0.0, open_min=True)
+        self.affine = check_bool("affine", affine)
         self.backend = backend
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels))
@@ -53,6 +52,10 @@ class GroupNormSiLU(nn.Module):
         return module
 
     def forward(self, x):
+        check_float("x", x)
+        if x.dim() < 2 or x.shape[1] != self.num_channels:
+            raise ValueError(f"x must have shape [N, {self.num_channels}, ...] (num_channels={self.num_channels}), "
+                             f"got {list(x.shape)}")
         return group_norm_silu(x, self.weight, self.bias, self.num_groups, self.eps, backend=self.backend)
 
     def extra_repr(self):

@@ -162,7 +162,9 @@ def _kernel_op(backend, name):
 
 def _check_table(table, columns, device):
     check_tensor("table", table)
-    if table.dtype != torch.float32 or table.dim() != 2 or table.shape[1] != columns or table.shape[0] == 0:
+    if table.dtype != torch.float32:
+        raise TypeError(f"table must be a float32 tensor of shape [T, {columns}], got {describe(table)}")
+    if table.dim() != 2 or table.shape[1] != columns or table.shape[0] == 0:
         raise ValueError(f"table must be a float32 tensor of shape [T, {columns}] with T > 0, got {describe(table)}")
     if table.device != device:
         raise ValueError(f"table must be on the input's device ({device}), got {table.device}")
@@ -172,7 +174,7 @@ def _check_table(table, columns, device):
 def _check_seed(seed, device):
     check_tensor("seed", seed)
     if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise ValueError(f"seed must be a one-element int64 tensor (see ddpm_fast.ops._common.draw_seed), "
+        raise (TypeError if seed.dtype != torch.int64 else ValueError)(f"seed must be a one-element int64 tensor (see ddpm_fast.ops._common.draw_seed), "
                          f"got {describe(seed)}")
     if seed.device != device:
         raise ValueError(f"seed must be on the input's device ({device}), got {seed.device}")

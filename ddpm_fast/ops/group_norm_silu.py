@@ -11,7 +11,7 @@ the matching backward op, which recomputes the rest.
 import torch
 
 from .. import _ext, backends, reference
-from ..validation import check_float
+from ..validation import check_float, check_int, check_number
 from ._common import batch_dense, same_layout
 
 # ----------------------------------------------------------------------------- Triton ops
@@ -101,18 +101,17 @@ def _check_param(name, param, x):
     return param
 
 
-def _check_args(x, weight, bias, num_groups, eps):
+def check_args(x, weight, bias, num_groups, eps):
+    """The checks of group_norm_silu; returns (weight, bias)."""
     check_float("x", x)
     if x.dim() < 2:
         raise ValueError(f"x must have at least 2 dimensions [N, C, ...], got shape {list(x.shape)}")
     if x.numel() == 0:
         raise ValueError(f"x must not be empty, got shape {list(x.shape)}")
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups <= 0:
-        raise ValueError(f"num_groups must be a positive int, got {num_groups!r}")
+    check_int("num_groups", num_groups, minimum=1)
     if x.shape[1] % num_groups:
         raise ValueError(f"num_groups must divide the channels of x ({x.shape[1]}), got num_groups={num_groups}")
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    check_number("eps", eps, minimum=0.0, open_min=True)
     return _check_param("weight", weight, x), _check_param("bias", bias, x)
 
 
@@ -123,7 +122,7 @@ def group_norm_silu(x, weight=None, bias=None, num_groups=32, eps=1e-5, backend=
     channels_last (y keeps x's dtype and memory format); weight, bias: [C] or None. Statistics
     and arithmetic are float32 for every input dtype. Differentiable in x, weight and bias.
     """
-    weight, bias = _check_args(x, weight, bias, num_groups, eps)
+    weight, bias = check_args(x, weight, bias, num_groups, eps)
     name = backends.resolve(backend, x.device)
     if name == "torch" or x.dtype == torch.float64:
         return reference.group_norm_silu(x, weight, bias, num_groups, eps)

@@ -1,5 +1,5 @@
-// torch.ops.ddpm_fast.{q_sample, reverse_step, ddim_step}: schemas, input checks, and the CPU
-// and CUDA implementations (fake impls and autograd are registered from Python, in
+// torch.ops.ddpm_fast.{q_sample, reverse_step, ddim_step, dpm_solver_step}: schemas, input checks,
+// and the CPU and CUDA implementations (fake impls and autograd are registered from Python, in
 // ddpm_fast/ops/diffusion_steps.py). The kernels take raw pointers; this file checks every
 // tensor first so that a bad input is a Python ValueError/TypeError, never an out-of-bounds read.
 #include <ATen/core/Tensor.h>
@@ -60,18 +60,18 @@ void check_like(const Tensor& y, const char* name, const Tensor& x, const char* 
 // t: int64 [batch] on x's device; returned contiguous. On the CPU its values are range-checked
 // here, before any table read; on CUDA the kernel checks them (a device-side trap), so that no
 // host sync is needed.
-Tensor check_timesteps(const Tensor& t, const Tensor& x, int64_t num_timesteps) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, "t must be an int64 tensor, got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), "t must have shape [batch_size] = [", x.size(0),
+Tensor check_timesteps(const Tensor& t, const Tensor& x, int64_t num_timesteps, const char* name = "t") {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), name, " must have shape [batch_size] = [", x.size(0),
                     "], got ", t.sizes());
-  TORCH_CHECK_VALUE(t.device() == x.device(), "t must be on the input's device (", x.device(), "), got ",
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on the input's device (", x.device(), "), got ",
                     t.device());
   Tensor tc = t.contiguous();
   if (tc.device().is_cpu()) {
     const int64_t* values = tc.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < tc.numel(); ++b) {
-      TORCH_CHECK_VALUE(values[b] >= 0 && values[b] < num_timesteps, "t must lie in [0, ", num_timesteps,
-                        "), got t[", b, "] = ", values[b]);
+      TORCH_CHECK_VALUE(values[b] >= 0 && values[b] < num_timesteps, name, " must lie in [0, ", num_timesteps,
+                        "), got ", name, "[", b, "] = ", values[b]);
     }
   }
   return tc;
@@ -96,9 +96,9 @@ const int64_t* check_seed(const OptTensor& seed, const Tensor& x) {
   return seed->const_data_ptr<int64_t>();
 }
 
-const void* check_noise(const OptTensor& noise, const Tensor& x, const char* x_name) {
+const void* check_noise(const OptTensor& noise, const Tensor& x, const char* x_name, const char* name = "noise") {
   if (!noise.has_value()) return nullptr;
-  check_like(*noise, "noise", x, x_name);
+  check_like(*noise, name, x, x_name);
   return noise->const_data_ptr();
 }
 
@@ -136,23 +136,35 @@ QSampleCall prepare_q_sample(const Tensor& x_start, const Tensor& t, const Tenso
 struct StepCall {
   StepArgs args;
   Tensor out;
+  Tensor x0;  // the DPM-Solver++ step's second output
 };
 
+// Argument names of a step op, for its messages.
+struct StepNames {
+  const char* x;      // x_t
+  const char* t;      // the table row index of each batch element
+  const char* noise;  // z
+};
+constexpr StepNames kReverseStepNames{"x_t", "t", "noise"};
+constexpr StepNames kDpmSolverStepNames{"x", "index", "x0_prev"};
+
 StepCall prepare_step(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& table,
-                      bool clip_denoised, const OptTensor& noise, const OptTensor& seed) {
+                      bool clip_denoised, const OptTensor& noise, const OptTensor& seed,
+                      const StepNames& names = kReverseStepNames) {
   StepCall call;
   StepArgs& a = call.args;
-  a.dtype = kernel_dtype(x_t, "x_t");
-  check_batch_dense(x_t, "x_t");
-  check_like(model_output, "model_output", x_t, "x_t");
+  a.dtype = kernel_dtype(x_t, names.x);
+  check_batch_dense(x_t, names.x);
+  check_like(model_output, "model_output", x_t, names.x);
   check_table(table, kStepColumns, x_t);
   TORCH_CHECK_VALUE(!(noise.has_value() && seed.has_value()),
                     "give at most one of noise (given noise) and seed (noise drawn in-kernel)");
-  a.noise = check_noise(noise, x_t, "x_t");
+  a.noise = check_noise(noise, x_t, names.x, names.noise);
   a.seed = check_seed(seed, x_t);
   a.num_timesteps = table.size(0);
-  const Tensor tc = check_timesteps(t, x_t, a.num_timesteps);
+  const Tensor tc = check_timesteps(t, x_t, a.num_timesteps, names.t);
   call.out = at::empty_like(x_t);
+  a.x0_out = nullptr;
   a.x_t = x_t.const_data_ptr();
   a.model_output = model_output.const_data_ptr();
   a.t = tc.const_data_ptr<int64_t>();
@@ -161,6 +173,16 @@ StepCall prepare_step(const Tensor& x_t, const Tensor& model_output, const Tenso
   a.clip_denoised = clip_denoised;
   a.numel = x_t.numel();
   a.per_batch = a.numel / x_t.size(0);
+  return call;
+}
+
+// The DPM-Solver++ step is the step with the previous x0 as the given z and x0 as a second output.
+StepCall prepare_dpm_solver_step(const Tensor& x, const Tensor& model_output, const OptTensor& x0_prev,
+                                 const Tensor& index, const Tensor& table, bool clip_denoised) {
+  StepCall call = prepare_step(x, model_output, index, table, clip_denoised, x0_prev, std::nullopt,
+                               kDpmSolverStepNames);
+  call.x0 = at::empty_like(x);
+  call.args.x0_out = call.x0.mutable_data_ptr();
   return call;
 }
 
@@ -178,6 +200,14 @@ Tensor step_cpu_op(const Tensor& x_t, const Tensor& model_output, const Tensor& 
   StepCall call = prepare_step(x_t, model_output, t, table, clip_denoised, noise, seed);
   step_cpu(call.args);
   return call.out;
+}
+
+std::tuple<Tensor, Tensor> dpm_solver_step_cpu_op(const Tensor& x, const Tensor& model_output,
+                                                  const OptTensor& x0_prev, const Tensor& index,
+                                                  const Tensor& table, bool clip_denoised) {
+  StepCall call = prepare_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised);
+  step_cpu(call.args);
+  return {call.out, call.x0};
 }
 
 // ----------------------------------------------------------------------------- CUDA
@@ -207,6 +237,16 @@ Tensor step_cuda_op(const Tensor& x_t, const Tensor& model_output, const Tensor&
   TORCH_CHECK(error == nullptr, "ddpm_fast::reverse_step / ddim_step: CUDA kernel launch failed: ", error);
   return call.out;
 }
+
+std::tuple<Tensor, Tensor> dpm_solver_step_cuda_op(const Tensor& x, const Tensor& model_output,
+                                                   const OptTensor& x0_prev, const Tensor& index,
+                                                   const Tensor& table, bool clip_denoised) {
+  const c10::DeviceGuard guard(x.device());
+  StepCall call = prepare_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised);
+  const char* error = dpm_solver_step_cuda(call.args, current_stream(x));
+  TORCH_CHECK(error == nullptr, "ddpm_fast::dpm_solver_step: CUDA kernel launch failed: ", error);
+  return {call.out, call.x0};
+}
 #endif
 
 }  // namespace
@@ -219,12 +259,16 @@ TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
   // The DDIM step is the same kernel with another table.
   m.def("ddim_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, bool clip_denoised, "
         "Tensor? noise, Tensor? seed) -> Tensor");
+  // The step kernel again, with the previous x0 in the place of the noise and x0 as a second output.
+  m.def("dpm_solver_step(Tensor x, Tensor model_output, Tensor? x0_prev, Tensor index, Tensor table, "
+        "bool clip_denoised) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cpu_op);
   m.impl("reverse_step", &ddpm_fast::step_cpu_op);
   m.impl("ddim_step", &ddpm_fast::step_cpu_op);
+  m.impl("dpm_solver_step", &ddpm_fast::dpm_solver_step_cpu_op);
 }
 
 #ifdef DDPM_FAST_WITH_CUDA
@@ -232,5 +276,6 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cuda_op);
   m.impl("reverse_step", &ddpm_fast::step_cuda_op);
   m.impl("ddim_step", &ddpm_fast::step_cuda_op);
+  m.impl("dpm_solver_step", &ddpm_fast::dpm_solver_step_cuda_op);
 }
 #endif

@@ -1,4 +1,4 @@
-"""Triton kernels of q_sample and the reverse / DDIM step: one pass over memory each.
+"""Triton kernels of q_sample and the reverse / DDIM / DPM-Solver++ step: one pass over memory each.
 
 Semantics, table layout and the in-kernel noise contract are those of ``ddpm_fast.reference``:
 
@@ -8,6 +8,8 @@ Semantics, table layout and the in-kernel noise contract are those of ``ddpm_fas
 
 with ``t = t[b]`` for the batch element b = storage index // (numel // batch). z is the given
 noise, Philox noise drawn in-kernel from the one-element seed tensor, or 0 (no RNG work at all).
+The DPM-Solver++ step is the step kernel with the previous x0 as the given z (or z = 0) and
+the new x0 stored as a second output.
 
 The kernels walk storage linearly (inputs are batch-dense: contiguous or channels_last with the
 batch outermost, and all share one set of strides), load fp32/fp16/bf16, compute in fp32 and
@@ -135,7 +137,9 @@ def _q_sample_kernel(x_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, out_ptr, draw
 @triton.jit
 def _step_kernel(x_ptr, model_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, out_ptr,
                  numel, per_batch, batch, num_t,
-                 CLIP: tl.constexpr, NOISE: tl.constexpr, FEW_ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                 CLIP: tl.constexpr, NOISE: tl.constexpr, FEW_ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 x0_ptr=None, STORE_X0: tl.constexpr = False):
+    """out (and, with STORE_X0, the clamped x0 at x0_ptr: the DPM-Solver++ step)."""
     start = tl.program_id(0).to(tl.int64) * BLOCK
     offs = start + tl.arange(0, BLOCK)
     mask = offs < numel
@@ -150,6 +154,8 @@ def _step_kernel(x_ptr, model_ptr, noise_ptr, seed_ptr, t_ptr, table_ptr, out_pt
     x0 = x0_from_xt * x_t + x0_from_model * model_output
     if CLIP:
         x0 = tl.clamp(x0, -1.0, 1.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.clamp
+    if STORE_X0:
+        tl.store(x0_ptr + offs, _round_to(x0, x0_ptr.dtype.element_ty), mask=mask)
     out = out_from_x0 * x0 + out_from_xt * x_t
     if NOISE != 0:
         sigma = _coef(table_ptr, t_a, t_b, use_b, 4, 5, FEW_ROWS)
@@ -187,15 +193,15 @@ def _check_same(name, tensor, like_name, like):
         raise ValueError(f"{name} must have the strides of {like_name} {like.stride()}, got {tensor.stride()}")
 
 
-def _check_timesteps(t, x):
+def _check_timesteps(t, x, name="t"):
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"t must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
+        raise TypeError(f"{name} must be a torch.Tensor of integer timesteps, got {type(t).__name__}")
     if t.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"t must be an int64 or int32 tensor, got {t.dtype}")
+        raise TypeError(f"{name} must be an int64 or int32 tensor, got {t.dtype}")
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
-        raise ValueError(f"t must have shape [batch_size] = [{x.shape[0]}], got {list(t.shape)}")
+        raise ValueError(f"{name} must have shape [batch_size] = [{x.shape[0]}], got {list(t.shape)}")
     if t.device != x.device:
-        raise ValueError(f"t must be on the input's device ({x.device}), got {t.device}")
+        raise ValueError(f"{name} must be on the input's device ({x.device}), got {t.device}")
     return t.contiguous()
 
 
@@ -281,3 +287,23 @@ def reverse_step(x_t, model_output, t, table, clip_denoised, noise, seed):
         _launch(_step_kernel, x_t, table.shape[0], x_t, model_output, noise, seed, t, table, out,
                 CLIP=bool(clip_denoised), NOISE=mode)
     return out
+
+
+def dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised):
+    """(x_next, x0) of one DPM-Solver++ step in one pass: the step kernel with ``x0_prev`` as z.
+
+    ``x0_prev`` None (the first step) means z = 0; x0 (clamped with ``clip_denoised``) is
+    returned with x's dtype and strides.
+    """
+    _check_input("x", x)
+    _check_same("model_output", model_output, "x", x)
+    if x0_prev is not None:
+        _check_same("x0_prev", x0_prev, "x", x)
+    index = _check_timesteps(index, x, name="index")
+    table = _check_table(table, STEP_COLUMNS, x)
+    out, x0 = torch.empty_like(x), torch.empty_like(x)
+    if x.numel():
+        _launch(_step_kernel, x, table.shape[0], x, model_output, x0_prev, None, index, table, out,
+                CLIP=bool(clip_denoised), NOISE=NOISE_NONE if x0_prev is None else NOISE_GIVEN,
+                STORE_X0=True, x0_ptr=x0)
+    return out, x0

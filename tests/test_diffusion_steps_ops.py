@@ -302,3 +302,258 @@ def test_diffusion_uses_fused_step_with_same_result():
         t_prev = (t - 100).clamp(min=-1)
         torch.testing.assert_close(fused.ddim_sample(model, x, t, t_prev, eta=0.5, noise=noise),
                                    plain.ddim_sample(model, x, t, t_prev, eta=0.5, noise=noise), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- DPM-Solver++ step
+
+DPM_BACKENDS = backend_params(include_torch=True)
+DPM_STEPS = 10  # rows of the DPM-Solver++ table: one per solver step
+
+
+def _dpm_table(device, prediction_type="epsilon", seed=0):
+    """[DPM_STEPS, 5]: columns 0-1 the x0 coefficients of a real schedule at the solver's timesteps
+    (999 down to 0), columns 2-4 random in the ranges DPM-Solver++ 2M coefficients take
+    (x0 weight in (0, 1.5), x weight in (0, 1), previous x0 weight in (-0.5, 0))."""
+    q = schedules.diffusion_quantities(schedules.linear_betas(T))
+    timesteps = torch.linspace(T - 1, 0, DPM_STEPS).round().long()
+    x0_from_x, x0_from_model = schedules.x0_coefficients(q["alphas_cumprod"][timesteps], prediction_type)
+    g = torch.Generator().manual_seed(seed)
+    rest = torch.rand(DPM_STEPS, 3, generator=g, dtype=torch.float64) * torch.tensor([1.5, 1.0, -0.5], dtype=torch.float64)
+    return torch.cat([torch.stack([x0_from_x, x0_from_model], dim=1), rest], dim=1).float().to(device)
+
+
+def _dpm_inputs(shape, fmt, dtype, device, seed=0):
+    """(x, model_output, x0_prev, index); index covers the first and the last row."""
+    x, m, x0_prev, _ = _inputs(shape, fmt, dtype, device, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    index = torch.randint(0, DPM_STEPS, (shape[0],), generator=g)
+    index[0] = 0
+    if shape[0] > 1:
+        index[-1] = DPM_STEPS - 1
+    return x, m, x0_prev, index.to(device)
+
+
+def _dpm_term_magnitudes(x, m, x0_prev, index, table):
+    """Per element, the sum of the absolute terms of x_next and of x0 (float64).
+
+    The rounding error of a float32 step is a few ulp of these, not of the result: at high
+    noise x0 = A x + B m cancels (|A|, |B| ~ 150 against |x0| <= 1 with clip), so the fp32
+    check is per element, relative to them (clamping to [-1, 1] cannot increase an error).
+    """
+    x, m = x.double(), m.double()
+    a, b, p, q, r = (table.double()[index, k].reshape(-1, *([1] * (x.dim() - 1))) for k in range(5))
+    x0_terms = (a * x).abs() + (b * m).abs()
+    out_terms = (p * x0_terms).abs() + (q * x).abs()
+    if x0_prev is not None:
+        out_terms = out_terms + (r * x0_prev.double()).abs()
+    return out_terms, x0_terms
+
+
+def _check_dpm_solver_step(backend, x, m, x0_prev, index, table, clip):
+    """Both outputs of the fused step against the float64 reference.
+
+    fp32: every element within 1e-6 of its terms' magnitude; fp16/bf16: within twice the error
+    of the reference computed in that dtype (assert_matches_reference). Returns the largest
+    error of (x_next, x0), relative to the terms for fp32 and absolute otherwise.
+    """
+    out, x0 = ops.dpm_solver_step(x, m, x0_prev, index, table, clip, backend=backend)
+    for value in (out, x0):
+        assert value.dtype == x.dtype and value.shape == x.shape and value.stride() == x.stride()
+    inputs = (x, m, x0_prev, index, table)
+    as64 = [v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in inputs]
+    errors = []
+    for k, (name, value, terms) in enumerate(zip(("x_next", "x0"), (out, x0), _dpm_term_magnitudes(*inputs))):
+        if x.dtype == torch.float32:
+            assert not torch.isnan(value).any(), f"an element of {name} was not written (NaN poison survived)"
+            ref64 = reference.dpm_solver_step(*as64, clip)[k]
+            relative = ((value.double() - ref64).abs() / terms.clamp(min=1e-30)).max().item()
+            assert relative <= 1e-6, f"fp32 {name}: error {relative:.3g} of its terms' magnitude exceeds 1e-6"
+            errors.append(relative)
+        else:
+            ref = lambda *a, k=k: reference.dpm_solver_step(*a, clip)[k]  # noqa: E731
+            errors.append(assert_matches_reference(value, ref, inputs))
+    if clip:
+        assert x0.abs().max() <= 1
+    return errors
+
+
+@pytest.mark.parametrize("x0_prev_given", [True, False], ids=["x0_prev", "first_step"])
+@pytest.mark.parametrize("clip", [False, True], ids=["noclip", "clip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,fmt", SHAPES)
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_matches_reference(backend, device, dtype, shape, fmt, clip, x0_prev_given):
+    x, m, x0_prev, index = _dpm_inputs(shape, fmt, dtype, device)
+    _check_dpm_solver_step(backend, x, m, x0_prev if x0_prev_given else None, index, _dpm_table(device), clip)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("prediction_type", schedules.PREDICTION_TYPES)
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_tables_of_every_prediction_type(backend, device, prediction_type, dtype):
+    x, m, x0_prev, index = _dpm_inputs((4, 3, 5, 5), "channels_last", dtype, device, seed=3)
+    table = _dpm_table(device, prediction_type, seed=1)
+    for clip in (False, True):
+        for given in (x0_prev, None):
+            _check_dpm_solver_step(backend, x, m, given, index, table, clip)
+
+
+@pytest.mark.parametrize("misaligned", ["x", "model_output", "x0_prev", "all"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_misaligned_storage(backend, device, dtype, misaligned):
+    """Inputs starting one element into their storage (no vector loads on CUDA) give the same result."""
+    inputs = dict(zip(("x", "model_output", "x0_prev"), _dpm_inputs((3, 3, 7, 7), "contiguous", dtype, device)[:3]))
+    _, _, _, index = _dpm_inputs((3, 3, 7, 7), "contiguous", dtype, device)
+    for name in inputs:
+        if misaligned in (name, "all"):
+            value = inputs[name]
+            storage = torch.empty(value.numel() + 1, dtype=dtype, device=device)
+            inputs[name] = storage[1:].view_as(value).copy_(value)
+            assert inputs[name].storage_offset() == 1
+    _check_dpm_solver_step(backend, inputs["x"], inputs["model_output"], inputs["x0_prev"], index,
+                           _dpm_table(device), True)
+
+
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_mixed_layouts(backend, device):
+    """model_output and x0_prev in another memory format than x: the result is still exact."""
+    x, m, x0_prev, index = _dpm_inputs((2, 3, 8, 8), "channels_last", torch.float32, device)
+    _check_dpm_solver_step(backend, x, m.contiguous(), x0_prev.contiguous(), index, _dpm_table(device), False)
+
+
+def test_dpm_solver_step_float64_is_the_reference():
+    x, m, x0_prev, index = _dpm_inputs((2, 3, 4, 4), "contiguous", torch.float64, "cpu")
+    table = _dpm_table("cpu")
+    out, x0 = ops.dpm_solver_step(x, m, x0_prev, index, table, True, backend="cpu")
+    ref_out, ref_x0 = reference.dpm_solver_step(x, m, x0_prev, index, table, True)
+    assert out.dtype == torch.float64 and torch.equal(out, ref_out) and torch.equal(x0, ref_x0)
+
+
+def test_dpm_solver_step_gradcheck_float64():
+    """float64 runs the PyTorch reference path: gradcheck through the public function."""
+    x, m, x0_prev, index = _dpm_inputs((2, 3, 4, 4), "contiguous", torch.float64, "cpu")
+    table = _dpm_table("cpu", "v")
+    leaves = [v.requires_grad_() for v in (x, m, x0_prev)]
+    for clip in (False, True):
+        assert torch.autograd.gradcheck(
+            lambda *a: ops.dpm_solver_step(*a, index, table, clip, backend="torch"), leaves)
+
+
+@pytest.mark.parametrize("outputs", ["both", "out", "x0"])
+@pytest.mark.parametrize("x0_prev_given", [True, False], ids=["x0_prev", "first_step"])
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_autograd_matches_reference(backend, device, x0_prev_given, outputs):
+    """The fused op's backward (fp32) against autograd through the reference, for a loss on
+    either output or both; v prediction (x0 depends on x and model_output) with and without clip."""
+    x, m, x0_prev, index = _dpm_inputs((3, 3, 4, 4), "contiguous", torch.float32, device, seed=7)
+    table = _dpm_table(device, "v")
+    g = torch.Generator().manual_seed(11)
+    weights = [torch.randn(x.shape, generator=g).to(device) for _ in range(2)]
+    names = ("x", "model_output", "x0_prev") if x0_prev_given else ("x", "model_output")
+
+    def grads(step, clip):
+        leaves = [v.detach().clone().requires_grad_(True) for v in (x, m, x0_prev)[:len(names)]]
+        out, x0 = step(leaves[0], leaves[1], leaves[2] if x0_prev_given else None, index, table, clip)
+        loss = {"both": (out * weights[0]).sum() + (x0 * weights[1]).sum(),
+                "out": (out * weights[0]).sum(), "x0": (x0 * weights[1]).sum()}[outputs]
+        loss.backward()
+        return [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
+
+    fused = lambda *a: ops.dpm_solver_step(*a, backend=backend)  # noqa: E731
+    for clip in (False, True):
+        for name, got, expected in zip(names, grads(fused, clip), grads(reference.dpm_solver_step, clip)):
+            torch.testing.assert_close(got, expected, msg=lambda msg, name=name: f"grad of {name}: {msg}")
+
+
+@pytest.mark.parametrize("backend,device", [p for p in DPM_BACKENDS if p.id != "torch"])
+def test_dpm_solver_step_opcheck(backend, device):
+    x, m, x0_prev, index = _dpm_inputs((2, 3, 5, 5), "contiguous", torch.float32, device)
+    table = _dpm_table(device)
+    ns = _op_namespace(backend)
+    torch.use_deterministic_algorithms(False)  # opcheck compares against fresh allocations itself
+    torch.library.opcheck(ns.dpm_solver_step, (x, m, x0_prev, index, table, True))
+    torch.library.opcheck(ns.dpm_solver_step, (x.requires_grad_(), m.requires_grad_(), None, index, table, False))
+    cl = [_layout(v.detach(), "channels_last") for v in (x, m, x0_prev)]
+    torch.library.opcheck(ns.dpm_solver_step, (cl[0], cl[1], cl[2].requires_grad_(), index, table, True))
+
+
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_compiles_without_graph_break(backend, device):
+    """Two chained solver steps (the second takes the first's x0) in one compiled graph."""
+    x, m, _, index = _dpm_inputs((2, 3, 5, 5), "contiguous", torch.float32, device)
+    table = _dpm_table(device)
+    torch.use_deterministic_algorithms(False)
+    torch._dynamo.reset()
+
+    def two_steps(x, m, index):
+        x, x0 = ops.dpm_solver_step(x, m, None, index, table, True, backend=backend)
+        return ops.dpm_solver_step(x, m, x0, index + 1, table, True, backend=backend)
+
+    compiled = torch.compile(two_steps, fullgraph=True, backend="aot_eager")
+    index = index.clamp(max=DPM_STEPS - 2)
+    for got, expected in zip(compiled(x, m, index), two_steps(x, m, index)):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend,device", DPM_BACKENDS)
+def test_dpm_solver_step_bad_input(backend, device):
+    x, m, x0_prev, index = _dpm_inputs((2, 3, 4, 4), "contiguous", torch.float32, device)
+    table = _dpm_table(device)
+    step = lambda x, m, x0_prev, index, table, clip=False: ops.dpm_solver_step(  # noqa: E731
+        x, m, x0_prev, index, table, clip, backend=backend)
+    with pytest.raises(ValueError, match=rf"index must lie in \[0, {DPM_STEPS}\)"):
+        step(x, m, x0_prev, torch.tensor([0, DPM_STEPS], device=device), table)
+    with pytest.raises(ValueError, match="index must lie"):
+        step(x, m, x0_prev, torch.tensor([-1, 0], device=device), table)
+    with pytest.raises(ValueError, match=r"index must have shape \[batch_size\]"):
+        step(x, m, x0_prev, index[:1], table)
+    with pytest.raises(TypeError, match="index must be an integer tensor"):
+        step(x, m, x0_prev, index.float(), table)
+    with pytest.raises(ValueError, match="index must be on the device"):
+        step(x, m, x0_prev, index.to("meta"), table)
+    with pytest.raises(ValueError, match="x0_prev must have the shape of x"):
+        step(x, m, x0_prev[:1], index, table)
+    with pytest.raises(TypeError, match="x0_prev must have the dtype of x"):
+        step(x, m, x0_prev.half(), index, table)
+    with pytest.raises(ValueError, match="x0_prev must be on x's device"):
+        step(x, m, x0_prev.to("meta"), index, table)
+    with pytest.raises(TypeError, match="x0_prev must be a torch.Tensor"):
+        step(x, m, 0.0, index, table)
+    with pytest.raises(ValueError, match="model_output must have the shape of x"):
+        step(x, m[:, :2], x0_prev, index, table)
+    with pytest.raises(TypeError, match="model_output must have the dtype of x"):
+        step(x, m.half(), x0_prev, index, table)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        step(x.long(), m.long(), None, index, table)
+    with pytest.raises(ValueError, match="x must have a non-empty batch dimension"):
+        step(x[:0], m[:0], None, index[:0], table)
+    with pytest.raises(ValueError, match=r"table must be a float32 tensor of shape \[T, 5\]"):
+        step(x, m, x0_prev, index, table[:, :2])
+    with pytest.raises(ValueError, match=r"table must be a float32 tensor of shape \[T, 5\]"):
+        step(x, m, x0_prev, index, table.double())
+    with pytest.raises(TypeError, match="clip_denoised must be True or False"):
+        step(x, m, x0_prev, index, table, clip=1)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in DPM_BACKENDS if p.id != "torch"])
+def test_dpm_solver_step_op_checks_its_inputs(backend, device):
+    """The registered op itself (what torch.compile calls) rejects what the front end would."""
+    x, m, x0_prev, index = _dpm_inputs((2, 3, 4, 4), "contiguous", torch.float32, device)
+    table = _dpm_table(device)
+    op = _op_namespace(backend).dpm_solver_step
+    with pytest.raises(ValueError, match="x0_prev must have the (memory layout|strides) of x"):
+        op(x, m, _layout(x0_prev, "channels_last"), index, table, False)
+    with pytest.raises(ValueError, match="model_output must have the (memory layout|strides) of x"):
+        op(x, _layout(m, "channels_last"), x0_prev, index, table, False)
+    with pytest.raises(TypeError, match="x0_prev must have the dtype of x"):
+        op(x, m, x0_prev.half(), index, table, False)
+    with pytest.raises(ValueError, match="x0_prev must have the shape of x"):
+        op(x, m, x0_prev[:1], index, table, False)
+    with pytest.raises(ValueError, match=r"index must have shape \[batch_size\]"):
+        op(x, m, x0_prev, index[:1], table, False)
+    with pytest.raises(ValueError, match="table must be a float32 tensor"):
+        op(x, m, x0_prev, index, table[:, :4], False)
+    if backend == "cpu":  # the Triton kernels check the range on the device (an assert on CUDA)
+        with pytest.raises(ValueError, match=rf"index must lie in \[0, {DPM_STEPS}\), got index\[1\] = {DPM_STEPS}"):
+            op(x, m, x0_prev, torch.tensor([0, DPM_STEPS], device=device), table, False)

@@ -1,4 +1,5 @@
-// CPU kernels of q_sample and the reverse / DDIM step (declared in diffusion_steps_kernels.h).
+// CPU kernels of q_sample and the reverse / DDIM / DPM-Solver++ step (declared in
+// diffusion_steps_kernels.h).
 //
 // The storage is cut into blocks of kBlock elements (a multiple of 4, so every block starts at
 // a Philox counter group) that at::parallel_for spreads over threads. Per block: draw or load
@@ -301,15 +302,34 @@ void for_each_batch_segment(int64_t start, int64_t n, int64_t per_batch, const F
   }
 }
 
-template <bool kClip>
+// out[k] (and x0[k] with kStoreX0) for k in [begin, end); z == nullptr means z = 0.
+template <bool kClip, bool kStoreX0>
 void step_segment(const StepCoefficients& c, const float* x, const float* m, const float* z,
-                  float* out, int64_t begin, int64_t end) {
+                  float* out, float* x0, int64_t begin, int64_t end) {
   if (z != nullptr) {
 #pragma omp simd
-    for (int64_t k = begin; k < end; ++k) out[k] = step_value(c, kClip, x[k], m[k], z[k]);
+    for (int64_t k = begin; k < end; ++k) {
+      const StepValues v = step_values(c, kClip, x[k], m[k], z[k]);
+      out[k] = v.out;
+      if constexpr (kStoreX0) x0[k] = v.x0;
+    }
   } else {
 #pragma omp simd
-    for (int64_t k = begin; k < end; ++k) out[k] = step_value(c, kClip, x[k], m[k], 0.0f);
+    for (int64_t k = begin; k < end; ++k) {
+      const StepValues v = step_values(c, kClip, x[k], m[k], 0.0f);
+      out[k] = v.out;
+      if constexpr (kStoreX0) x0[k] = v.x0;
+    }
+  }
+}
+
+template <bool kStoreX0>
+void step_segment(const StepCoefficients& c, bool clip, const float* x, const float* m, const float* z,
+                  float* out, float* x0, int64_t begin, int64_t end) {
+  if (clip) {
+    step_segment<true, kStoreX0>(c, x, m, z, out, x0, begin, end);
+  } else {
+    step_segment<false, kStoreX0>(c, x, m, z, out, x0, begin, end);
   }
 }
 
@@ -319,10 +339,11 @@ void step_kernel(const StepArgs& a) {
   const auto* m = static_cast<const scalar_t*>(a.model_output);
   const auto* noise = static_cast<const scalar_t*>(a.noise);
   auto* out = static_cast<scalar_t*>(a.out);
+  auto* x0 = static_cast<scalar_t*>(a.x0_out);
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t blocks = (a.numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
-    alignas(64) float x_buf[kBlock], m_buf[kBlock], z_buf[kBlock], out_buf[kBlock];
+    alignas(64) float x_buf[kBlock], m_buf[kBlock], z_buf[kBlock], out_buf[kBlock], x0_buf[kBlock];
     for (int64_t block = first; block < last; ++block) {
       const int64_t start = block * kBlock, n = std::min(kBlock, a.numel - start);
       const float* z = nullptr;
@@ -336,15 +357,17 @@ void step_kernel(const StepArgs& a) {
       const float* xs = as_float(x + start, n, x_buf);
       const float* ms = as_float(m + start, n, m_buf);
       float* os = float_target(out + start, out_buf);
+      float* x0s = x0 != nullptr ? float_target(x0 + start, x0_buf) : nullptr;
       for_each_batch_segment(start, n, a.per_batch, [&](int64_t begin, int64_t end, int64_t b) {
         const StepCoefficients c = step_coefficients(a.table + a.t[b] * kStepColumns);
-        if (a.clip_denoised) {
-          step_segment<true>(c, xs, ms, z, os, begin, end);
+        if (x0s != nullptr) {
+          step_segment<true>(c, a.clip_denoised, xs, ms, z, os, x0s, begin, end);
         } else {
-          step_segment<false>(c, xs, ms, z, os, begin, end);
+          step_segment<false>(c, a.clip_denoised, xs, ms, z, os, nullptr, begin, end);
         }
       });
       store_from(os, n, out + start);
+      if (x0s != nullptr) store_from(x0s, n, x0 + start);
     }
   });
 }

@@ -1,4 +1,5 @@
-// CUDA kernels of q_sample and the reverse / DDIM step (declared in diffusion_steps_kernels.h).
+// CUDA kernels of q_sample and the reverse / DDIM / DPM-Solver++ step (declared in
+// diffusion_steps_kernels.h).
 //
 // Memory-bound elementwise kernels. Each thread handles a group of four consecutive storage
 // elements 4g .. 4g+3: one vector load per tensor when the pointers allow it, and one Philox
@@ -110,26 +111,31 @@ __device__ __forceinline__ void for_each_in_group(int64_t i, int64_t numel, int6
   }
 }
 
-template <typename T, bool kVec, int kNoise>
+// kStoreX0 (the DPM-Solver++ step): the x0 prediction is stored to a.x0_out as well.
+template <typename T, bool kVec, int kNoise, bool kStoreX0 = false>
 __global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a) {
   const T* __restrict__ x = static_cast<const T*>(a.x_t);
   const T* __restrict__ m = static_cast<const T*>(a.model_output);
   T* __restrict__ out = static_cast<T*>(a.out);
+  T* __restrict__ x0_out = static_cast<T*>(a.x0_out);
   const uint64_t seed = kNoise == kDrawnNoise ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t groups = (a.numel + 3) / 4;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t i = g * 4;
-    float xv[4], mv[4], z[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4];
+    float xv[4], mv[4], z[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4], x0[4];
     load4<T, kVec>(x, i, a.numel, xv);
     load4<T, kVec>(m, i, a.numel, mv);
     if (kNoise == kGivenNoise) load4<T, kVec>(static_cast<const T*>(a.noise), i, a.numel, z);
     if (kNoise == kDrawnNoise) drawn_normals<T>(seed, g, z);
     for_each_in_group(i, a.numel, a.per_batch, a.t, a.table, a.num_timesteps, kStepColumns,
                       [&](int k, const float* row) {
-                        o[k] = step_value(step_coefficients(row), a.clip_denoised, xv[k], mv[k], z[k]);
+                        const StepValues v = step_values(step_coefficients(row), a.clip_denoised, xv[k], mv[k], z[k]);
+                        o[k] = v.out;
+                        x0[k] = v.x0;
                       });
     store4<T, kVec>(out, i, a.numel, o);
+    if (kStoreX0) store4<T, kVec>(x0_out, i, a.numel, x0);
   }
 }
 
@@ -193,6 +199,20 @@ void launch_step(const StepArgs& a, cudaStream_t stream) {
   }
 }
 
+// The DPM-Solver++ step: the step kernel with the previous x0 as given noise (or none) and x0 stored.
+template <typename T>
+void launch_dpm_solver_step(const StepArgs& a, cudaStream_t stream) {
+  const unsigned int grid = grid_for(a.numel);
+  const int bytes = 4 * sizeof(T);
+  const bool vec = aligned(a.x_t, bytes) && aligned(a.model_output, bytes) && aligned(a.noise, bytes) &&
+                   aligned(a.out, bytes) && aligned(a.x0_out, bytes);
+  const bool x0_prev = a.noise != nullptr;
+  if (vec && x0_prev) step_kernel<T, true, kGivenNoise, true><<<grid, kThreads, 0, stream>>>(a);
+  if (vec && !x0_prev) step_kernel<T, true, kNoNoise, true><<<grid, kThreads, 0, stream>>>(a);
+  if (!vec && x0_prev) step_kernel<T, false, kGivenNoise, true><<<grid, kThreads, 0, stream>>>(a);
+  if (!vec && !x0_prev) step_kernel<T, false, kNoNoise, true><<<grid, kThreads, 0, stream>>>(a);
+}
+
 template <typename T>
 void launch_q_sample(const QSampleArgs& a, cudaStream_t stream) {
   const unsigned int grid = grid_for(a.numel);
@@ -215,6 +235,17 @@ const char* step_cuda(const StepArgs& args, void* stream) {
     case DType::Float32: launch_step<float>(args, s); break;
     case DType::Float16: launch_step<__half>(args, s); break;
     case DType::BFloat16: launch_step<__nv_bfloat16>(args, s); break;
+  }
+  return launch_error();
+}
+
+const char* dpm_solver_step_cuda(const StepArgs& args, void* stream) {
+  if (args.numel == 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  switch (args.dtype) {
+    case DType::Float32: launch_dpm_solver_step<float>(args, s); break;
+    case DType::Float16: launch_dpm_solver_step<__half>(args, s); break;
+    case DType::BFloat16: launch_dpm_solver_step<__nv_bfloat16>(args, s); break;
   }
   return launch_error();
 }

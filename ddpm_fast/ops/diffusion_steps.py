@@ -1,10 +1,11 @@
-"""Fused q_sample, reverse step and DDIM step: public functions, fake impls and autograd.
+"""Fused q_sample, reverse step, DDIM step and DPM-Solver++ step: public functions, fake impls and autograd.
 
-The C++ extension registers ``torch.ops.ddpm_fast.{q_sample,reverse_step,ddim_step}`` (a CPU
-and a CUDA kernel each); the Triton kernels are custom ops of their own,
+The C++ extension registers ``torch.ops.ddpm_fast.{q_sample,reverse_step,ddim_step,dpm_solver_step}``
+(a CPU and a CUDA kernel each); the Triton kernels are custom ops of their own,
 ``torch.ops.ddpm_fast_triton.*``, since one op has one kernel per device. This module gives
 both a fake (meta) implementation and autograd, and :func:`q_sample` / :func:`reverse_step` /
-:func:`ddim_step` send each call to the backend that ``ddpm_fast.backends`` picks.
+:func:`ddim_step` / :func:`dpm_solver_step` send each call to the backend that
+``ddpm_fast.backends`` picks.
 
 The arithmetic and the coefficient tables are documented in ``ddpm_fast.reference``.
 """
@@ -143,10 +144,9 @@ def _register(namespace):
     for name in ("reverse_step", "ddim_step"):
         torch.library.register_fake(f"{namespace}::{name}", _fake_step)
         torch.library.register_autograd(f"{namespace}::{name}", _backward_step, setup_context=_setup_step)
-    if hasattr(getattr(torch.ops, namespace), "dpm_solver_step"):  # TEMPORARY until the C++ op exists
-        torch.library.register_fake(f"{namespace}::dpm_solver_step", _fake_dpm_solver_step)
-        torch.library.register_autograd(f"{namespace}::dpm_solver_step", _backward_dpm_solver_step,
-                                        setup_context=_setup_dpm_solver_step)
+    torch.library.register_fake(f"{namespace}::dpm_solver_step", _fake_dpm_solver_step)
+    torch.library.register_autograd(f"{namespace}::dpm_solver_step", _backward_dpm_solver_step,
+                                    setup_context=_setup_dpm_solver_step)
 
 
 _register("ddpm_fast_triton")

@@ -63,6 +63,7 @@ def _int_list(text):
 
 def build_parser():
     from .nn.unet import UNet
+    from .train import DEFAULTS, SAMPLERS
 
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM training and sampling.")
     commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval-bpd,export,info}")
@@ -96,8 +97,9 @@ def build_parser():
     train.add_argument("--sample-every", type=_non_negative_int, help="write a sample grid every N steps "
                                                                      "(0 = never, default 1000)")
     train.add_argument("--sample-n", type=_positive_int, help="images per sample grid (default 64)")
-    train.add_argument("--sampler", choices=["ddpm", "ddim"], help="sampler for the grids (default ddim)")
-    train.add_argument("--sample-steps", type=_positive_int, help="DDIM steps for the grids (default 50)")
+    train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids (default {DEFAULTS['sampler']})")
+    train.add_argument("--sample-steps", type=_positive_int,
+                       help=f"ddim / dpm++2m steps for the grids (default {DEFAULTS['sample_steps']})")
     train.add_argument("--ckpt-every", type=_non_negative_int, help="write checkpoint.pt every N steps and at "
                                                                    "the end (0 = only at the end, default 1000)")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -111,9 +113,10 @@ def build_parser():
     sample.add_argument("--ckpt", help="checkpoint (default: the digits model shipped with ddpm_fast)")
     # --num-samples spells --n out: torchrun takes a bare --n for one of its own options.
     sample.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=64, help="number of samples")
-    sample.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddim",
-                        help="ddpm: all T ancestral steps; ddim: --steps steps")
-    sample.add_argument("--steps", type=_positive_int, default=50, help="DDIM steps")
+    sample.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
+                        help="ddpm: all T ancestral steps; ddim, dpm++2m (DPM-Solver++ 2M): --steps steps")
+    sample.add_argument("--steps", type=_positive_int, default=DEFAULTS["sample_steps"],
+                        help="steps of ddim and dpm++2m")
     sample.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                         help="clamp the predicted x_0 to [-1, 1] at every step")

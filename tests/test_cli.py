@@ -55,7 +55,7 @@ def test_train_writes_checkpoint_and_grid(run_dir):
     assert ckpt.load(run_dir / "checkpoint.pt")["step"] == 3
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpm++2m"])
 def test_sample_from_checkpoint_with_npz(run_dir, tmp_path, sampler):
     out, npz = tmp_path / "grid.png", tmp_path / "raw.npz"
     argv = ["sample", "--ckpt", str(run_dir / "checkpoint.pt"), "--n", "5", "--batch-size", "2", "--sampler", sampler,
@@ -154,6 +154,12 @@ def test_checkpoint_from_another_config(run_dir, tmp_path, capsys):
     (["train", "--precision", "fp8"], "argument --precision: invalid choice: 'fp8'"),
     (["train", "--steps", "0"], "argument --steps: expected a positive integer, got '0'"),
     (["sample", "--n", "many"], "argument --n/--num-samples: expected a positive integer, got 'many'"),
+    (["sample", "--eta", "-1"], "argument --eta: expected a number >= 0, got '-1'"),
+    (["sample", "--eta", "nan"], "argument --eta: expected a number >= 0, got 'nan'"),
+    (["train", "--lr", "0"], "argument --lr: expected a positive number, got '0'"),
+    (["train", "--ema-decay", "1"], "argument --ema-decay: expected a number in [0, 1), got '1'"),
+    (["train", "--grad-clip", "-0.5"], "argument --grad-clip: expected a number >= 0, got '-0.5'"),
+    (["train", "--weight-decay", "x"], "argument --weight-decay: expected a number >= 0, got 'x'"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_unknown_option_values_exit_non_zero(capsys, argv, fragment):

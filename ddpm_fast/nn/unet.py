@@ -196,7 +196,8 @@ class UNet(nn.Module):
         attn_levels = tuple(level for level in range(len(widths)) if image_size // 2 ** level in attn_resolutions)
         if attention_head_dim is not None:
             check_int("attention_head_dim", attention_head_dim, minimum=1)
-            attn_channels = sorted({widths[level] for level in attn_levels} | ({widths[-1]} if mid_attention else set()))
+            attn_channels = sorted({widths[level] for level in attn_levels}
+                                   | ({widths[-1]} if mid_attention else set()))
             if any(c % attention_head_dim for c in attn_channels):
                 raise ValueError(f"attention_head_dim must divide the channels of every attention block "
                                  f"{attn_channels}, got {attention_head_dim}")
@@ -318,6 +319,19 @@ class UNet(nn.Module):
             raise ValueError(f"unknown UNet preset {name!r}; presets are: {', '.join(sorted(cls.PRESETS))}")
         return cls(**{**cls.PRESETS[name], "fused": fused, **overrides})
 
+    @classmethod
+    def from_diffusers(cls, model_or_path, fused=True, backend="auto"):
+        """The network of a diffusers ``UNet2DModel`` with its weights (float32, CPU, eval mode).
+
+        ``model_or_path``: a UNet2DModel object, or the path of its ``save_pretrained`` folder
+        (config.json + diffusion_pytorch_model.safetensors or .bin; reading one needs no
+        diffusers). Configs outside the DDPM family raise a ValueError naming the field. See
+        :mod:`ddpm_fast.interop.diffusers`, which also writes a UNet as such a folder (save_unet).
+        """
+        from ..interop.diffusers import load_unet
+
+        return load_unet(model_or_path, fused=fused, backend=backend)
+
     @property
     def config(self):
         """The constructor arguments as a JSON-able dict: ``UNet(**model.config)`` rebuilds the network."""
@@ -339,8 +353,8 @@ class UNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [batch, {self.in_channels}, height, width], got {list(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"x's height and width must be divisible by 2 ** (len({self._levels_name}) - 1) = {factor}, "
-                             f"got {x.shape[2]}x{x.shape[3]}")
+            raise ValueError(f"x's height and width must be divisible by 2 ** (len({self._levels_name}) - 1) = "
+                             f"{factor}, got {x.shape[2]}x{x.shape[3]}")
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [batch] = [{x.shape[0]}], got {list(t.shape)}")
         if t.dtype == torch.bool or t.dtype.is_complex:

@@ -122,6 +122,102 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 3, 16, 16, device="meta"), t)
 
 
+# A network using every configuration key beyond the presets' (diffusers' DDPM family).
+EXTENDED = dict(in_channels=3, image_size=16, block_out_channels=[32, 48], num_res_blocks=1,
+                attn_resolutions=[16, 8], dropout=0.0, num_groups=8, norm_eps=1e-6, attention_head_dim=16,
+                flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, mid_attention=False)
+NEW_KEYS = dict(block_out_channels=None, norm_eps=1e-5, attention_head_dim=None, flip_sin_to_cos=True,
+                freq_shift=0, downsample_padding=1, mid_attention=True)
+
+
+def test_extended_config_rebuilds_from_json():
+    model = randomize(UNet(**EXTENDED))
+    config = json.loads(json.dumps(model.config))
+    assert config["block_out_channels"] == [32, 48] and config["ch"] == 32 and config["ch_mult"] is None
+    rebuilt = UNet(**config)
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.config == model.config
+    x, t = inputs()
+    with torch.no_grad():
+        assert torch.equal(rebuilt(x, t), model(x, t))
+    # Attention at both levels (two heads of 16 at 16x16, three at 8x8), none in the middle.
+    attns = [m for m in model.modules() if isinstance(m, AttnBlock)]
+    assert sorted(m.num_heads for m in attns) == [2] * 3 + [3] * 3
+    assert isinstance(model.mid[1], torch.nn.Identity)
+    norms = [m for m in model.modules() if isinstance(m, (GroupNormSiLU, torch.nn.GroupNorm))]
+    assert norms and all(m.eps == 1e-6 for m in norms)
+
+
+def test_old_configs_without_the_new_keys_build_the_same_network():
+    # The model config as `ddpm-fast train` wrote it before these keys existed.
+    old = dict(in_channels=1, image_size=8, ch=32, ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+               dropout=0.0, num_groups=8, out_channels=1)
+    model = UNet(**old)
+    assert {key: model.config[key] for key in NEW_KEYS} == NEW_KEYS
+    assert model.config == {**old, **NEW_KEYS, "fused": True, "backend": "auto"}
+    assert model.state_dict().keys() == UNet.from_preset("digits").state_dict().keys()
+
+
+def test_block_out_channels_is_ch_times_ch_mult():
+    by_mult = randomize(UNet.from_preset("tiny"))
+    by_widths = UNet(**{**UNet.PRESETS["tiny"], "ch": None, "ch_mult": None, "block_out_channels": [32, 64]})
+    by_widths.load_state_dict(by_mult.state_dict())
+    x, t = inputs()
+    with torch.no_grad():
+        assert torch.equal(by_widths(x, t), by_mult(x, t))
+    assert UNet().config["ch"] == 128 and UNet().config["ch_mult"] == [1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("overrides, error, match", [
+    (dict(block_out_channels=[32, 48], ch_mult=[1, 2]), ValueError, "ch_mult or block_out_channels, not both"),
+    (dict(block_out_channels=[32, 40]), ValueError, r"divisible by num_groups=32, .*channels \[40\]"),
+    (dict(block_out_channels=[]), TypeError, "block_out_channels must be a non-empty list"),
+    (dict(block_out_channels=[32, 0]), ValueError, r"block_out_channels\[1\] must be an int >= 1, got 0"),
+    (dict(ch_mult=[1, 2.0]), TypeError, r"ch_mult\[1\] must be an int"),
+    (dict(attn_resolutions=16), TypeError, "attn_resolutions must be a list"),
+    (dict(norm_eps=0.0), ValueError, "norm_eps must be a finite number in \\(0.0"),
+    (dict(norm_eps="1e-6"), TypeError, "norm_eps must be a number"),
+    (dict(attention_head_dim=12), ValueError, r"attention_head_dim must divide .* \[64\], got 12"),
+    (dict(attention_head_dim=0), ValueError, "attention_head_dim must be an int >= 1"),
+    (dict(flip_sin_to_cos=1), TypeError, "flip_sin_to_cos must be True or False"),
+    (dict(freq_shift=16), ValueError, r"freq_shift must be less than ch // 2 = 16, got 16"),
+    (dict(freq_shift=None), TypeError, "freq_shift must be a number"),
+    (dict(downsample_padding=2), ValueError, r"downsample_padding must be an int in \[0, 1\], got 2"),
+    (dict(mid_attention="yes"), TypeError, "mid_attention must be True or False"),
+    (dict(num_res_blocks=0), ValueError, "num_res_blocks must be an int >= 1"),
+    (dict(dropout=1.0), ValueError, "dropout must be a finite number in \\[0.0, 1.0\\)"),
+])
+def test_bad_extended_arguments(overrides, error, match):
+    widths = {"ch": None, "ch_mult": None} if "block_out_channels" in overrides else {}
+    with pytest.raises(error, match=match):
+        UNet(**{**UNet.PRESETS["tiny"], **widths, **overrides})
+
+
+def test_multi_head_attention_is_per_head_softmax_attention():
+    block = randomize(AttnBlock(64, num_groups=8, eps=1e-6, head_dim=16)).double()
+    x = torch.randn(2, 64, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    q, k, v = block.qkv(block.norm(x)).flatten(2).chunk(3, dim=1)  # [B, C, HW] each
+    heads = []
+    for h in range(4):
+        qh, kh, vh = (part[:, 16 * h:16 * (h + 1)] for part in (q, k, v))  # [B, 16, HW]
+        weights = torch.softmax(qh.transpose(1, 2) @ kh / 16**0.5, dim=-1)  # [B, HW, HW]
+        heads.append(vh @ weights.transpose(1, 2))
+    expected = x + block.proj_out(torch.cat(heads, dim=1).reshape(x.shape))
+    torch.testing.assert_close(block(x), expected)
+    x_cl = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(block(x_cl), expected)
+
+
+def test_tf_style_downsample_pads_bottom_and_right():
+    model = UNet(**EXTENDED)
+    conv = model.down[0].downsample.conv
+    x = torch.randn(1, 32, 16, 16)
+    with torch.no_grad():
+        expected = F.conv2d(F.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
+        assert torch.equal(model.down[0].downsample(x), expected)
+        assert model.down[0].downsample(x).shape == (1, 32, 8, 8)
+
+
 def test_set_backend_reaches_every_group_norm_silu():
     model = UNet.from_preset("tiny", backend="torch")
     model.set_backend("cpu")
@@ -137,6 +233,16 @@ def test_timestep_embedding_formula():
     emb = timestep_embedding(t, 6)
     freqs = torch.tensor([1.0, 10000 ** (-1 / 3), 10000 ** (-2 / 3)])
     expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    torch.testing.assert_close(emb, expected)
+
+
+def test_timestep_embedding_tf_variant():
+    # The TF DDPM code's: sines first, frequencies 10000 ** (-i / (half - 1)); odd dims end in a zero.
+    t = torch.tensor([0, 1, 999])
+    emb = timestep_embedding(t, 7, flip_sin_to_cos=False, freq_shift=1)
+    freqs = torch.tensor([1.0, 10000 ** (-1 / 2), 10000 ** (-2 / 2)])
+    args = t[:, None] * freqs
+    expected = torch.cat([torch.sin(args), torch.cos(args), torch.zeros(3, 1)], dim=1)
     torch.testing.assert_close(emb, expected)
 
 

@@ -7,8 +7,14 @@ channel multipliers per resolution and dropout. Every GroupNorm-then-SiLU pair i
 :class:`GroupNormSiLU` (the fused kernel); ``fused=False`` builds the same network with
 ``nn.GroupNorm`` + SiLU and the same state_dict, so both can be compared weight for weight.
 
-Differences from the TF code that change no parameter: the downsampling convolution pads
-symmetrically (as improved-diffusion does) and the attention's q, k, v are one 1x1 convolution.
+Differences from the TF code that change no parameter, by default: the downsampling convolution
+pads symmetrically (as improved-diffusion does; ``downsample_padding=0`` gives TF's padding), the
+timestep embedding puts the cosines first with frequencies 10000 ** (-i / half) (improved-
+diffusion's; ``flip_sin_to_cos=False, freq_shift=1`` gives TF's) and the attention's q, k, v are
+one 1x1 convolution. With those options the whole family of diffusers' DDPM ``UNet2DModel`` is
+expressible (see :mod:`ddpm_fast.interop.diffusers`): any widths per level
+(``block_out_channels``), GroupNorm epsilon, several attention heads, the middle block with or
+without attention.
 """
 
 import math
@@ -18,17 +24,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
+from ..validation import check_bool, check_int, check_number, describe
 from .group_norm_silu import GroupNormSiLU
 
 NUM_GROUPS = 32  # GroupNorm groups, as in the paper (the default of UNet(num_groups=...))
+NORM_EPS = 1e-5  # GroupNorm epsilon (nn.GroupNorm's; the TF code and diffusers' DDPM models use 1e-6)
+DEFAULT_CH, DEFAULT_CH_MULT = 128, (1, 2, 2, 2)
 
 
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding [B, dim] of timesteps t [B] (improved-diffusion's formula), float32."""
+def timestep_embedding(t, dim, max_period=10000, flip_sin_to_cos=True, freq_shift=0):
+    """Sinusoidal embedding [B, dim] of timesteps t [B], float32.
+
+    Frequencies exp(-ln(max_period) * i / (half - freq_shift)) for i < half = dim // 2; cosines
+    first with ``flip_sin_to_cos`` (improved-diffusion's order, with freq_shift 0), sines first
+    without (the TF DDPM code's, with freq_shift 1); an odd dim ends in a zero column. The same
+    formula as diffusers' get_timestep_embedding.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+    freqs = torch.exp(exponent / (half - freq_shift))
     args = t[:, None].float() * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    cos, sin = torch.cos(args), torch.sin(args)
+    embedding = torch.cat([cos, sin] if flip_sin_to_cos else [sin, cos], dim=-1)
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
@@ -41,21 +58,21 @@ class GroupNormThenSiLU(nn.GroupNorm):
         return F.silu(super().forward(x))
 
 
-def norm_silu(channels, fused, backend, num_groups=NUM_GROUPS):
+def norm_silu(channels, fused, backend, num_groups=NUM_GROUPS, eps=NORM_EPS):
     if fused:
-        return GroupNormSiLU(num_groups, channels, backend=backend)
-    return GroupNormThenSiLU(num_groups, channels)
+        return GroupNormSiLU(num_groups, channels, eps=eps, backend=backend)
+    return GroupNormThenSiLU(num_groups, channels, eps=eps)
 
 
 class ResBlock(nn.Module):
     """x + conv(dropout(norm_silu(conv(norm_silu(x)) + temb_proj(emb)))), with a 1x1 shortcut if channels change."""
 
-    def __init__(self, in_ch, out_ch, temb_ch, dropout, fused, backend, num_groups=NUM_GROUPS):
+    def __init__(self, in_ch, out_ch, temb_ch, dropout, fused, backend, num_groups=NUM_GROUPS, eps=NORM_EPS):
         super().__init__()
-        self.norm1 = norm_silu(in_ch, fused, backend, num_groups)
+        self.norm1 = norm_silu(in_ch, fused, backend, num_groups, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = norm_silu(out_ch, fused, backend, num_groups)
+        self.norm2 = norm_silu(out_ch, fused, backend, num_groups, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -69,31 +86,49 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Single-head self-attention over all H*W positions, with a residual connection."""
+    """Self-attention over all H*W positions, with a residual connection.
 
-    def __init__(self, channels, num_groups=NUM_GROUPS):
+    One head by default (the paper's); ``head_dim`` splits the channels into heads of that many
+    (channel c in head c // head_dim, as diffusers' Attention does).
+    """
+
+    def __init__(self, channels, num_groups=NUM_GROUPS, eps=NORM_EPS, head_dim=None):
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups, channels)  # no SiLU here: a plain GroupNorm
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)  # no SiLU here: a plain GroupNorm
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.num_heads = 1 if head_dim is None else channels // head_dim
 
     def forward(self, x):
         B, C, H, W = x.shape
         qkv = self.qkv(self.norm(x))
         # [B, C, H, W] -> [B, HW, C]: a view for channels_last input, no copy.
         q, k, v = (part.flatten(2).transpose(1, 2) for part in qkv.split(C, dim=1))
-        # The fused attention kernels keep the softmax in float32 for fp16/bf16 inputs.
-        h = F.scaled_dot_product_attention(q, k, v)  # scale C ** -0.5, as in the paper
+        if self.num_heads > 1:  # [B, HW, C] -> [B, heads, HW, C / heads], still views
+            q, k, v = (part.unflatten(2, (self.num_heads, -1)).transpose(1, 2) for part in (q, k, v))
+        # One head stays a 3-D call: SDPA's CPU kernels round 3-D and 4-D inputs differently, and
+        # single-head models keep their exact outputs. The fused attention kernels keep the
+        # softmax in float32 for fp16/bf16 inputs; the scale is (C / heads) ** -0.5.
+        h = F.scaled_dot_product_attention(q, k, v)
+        if self.num_heads > 1:
+            h = h.transpose(1, 2).flatten(2)
         h = h.transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
 
 class Downsample(nn.Module):
-    def __init__(self, channels):
+    """3x3 convolution with stride 2. ``padding=1`` pads every side by one; ``padding=0`` pads one
+    row and column at the bottom and right only (TF's "SAME" padding, as the original DDPM
+    checkpoints were trained with; diffusers' downsample_padding=0)."""
+
+    def __init__(self, channels, padding=1):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+        self.pad_bottom_right = padding == 0
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
 
     def forward(self, x):
+        if self.pad_bottom_right:
+            x = F.pad(x, (0, 1, 0, 1))
         return self.conv(x)
 
 
@@ -106,12 +141,30 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
+def _int_list(name, value, allow_empty=False):
+    """A list or tuple of positive ints, returned as a list (JSON-able, for the config)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)) or not (value or allow_empty):
+        raise TypeError(f"{name} must be a {'' if allow_empty else 'non-empty '}list of positive ints, "
+                        f"got {describe(value)}")
+    return [check_int(f"{name}[{i}]", item, minimum=1) for i, item in enumerate(value)]
+
+
 class UNet(nn.Module):
     """The DDPM noise-prediction network: ``model(x, t)`` returns a tensor of x's shape.
 
-    x: [B, in_channels, H, W] with H and W divisible by 2 ** (len(ch_mult) - 1); t: [B]
-    timesteps (int64, not normalised). Attention is placed where the feature map of an
-    ``image_size`` input has a side in ``attn_resolutions``.
+    x: [B, in_channels, H, W] with H and W divisible by 2 ** (levels - 1); t: [B] timesteps
+    (int64, not normalised). Attention is placed where the feature map of an ``image_size``
+    input has a side in ``attn_resolutions``.
+
+    Level widths are ``ch * ch_mult`` (ch_mult defaults to (1, 2, 2, 2)), or any list given as
+    ``block_out_channels`` (then ``ch``, the width of the input convolution and the base of the
+    4 * ch timestep embedding, defaults to its first entry). ``num_res_blocks`` ResBlocks per
+    level going down, one more going up. ``num_groups`` and ``norm_eps`` set every GroupNorm;
+    ``attention_head_dim`` splits attention into heads of that many channels (None: one head);
+    ``flip_sin_to_cos`` and ``freq_shift`` choose the timestep embedding's variant (see
+    :func:`timestep_embedding`); ``downsample_padding`` 1 pads the strided convolutions
+    symmetrically, 0 as TF does; ``mid_attention`` puts attention between the two middle
+    ResBlocks. ``fused`` and ``backend`` choose how GroupNorm + SiLU runs, not the network.
     """
 
     PRESETS = {
@@ -127,24 +180,45 @@ class UNet(nn.Module):
                        attn_resolutions=(4,), dropout=0.0, num_groups=8),
     }
 
-    def __init__(self, in_channels=3, out_channels=None, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
+    def __init__(self, in_channels=3, out_channels=None, ch=None, ch_mult=None, num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, image_size=32, fused=True, backend="auto",
-                 num_groups=NUM_GROUPS):
+                 num_groups=NUM_GROUPS, *, block_out_channels=None, norm_eps=NORM_EPS, attention_head_dim=None,
+                 flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_attention=True):
         super().__init__()
-        ch_mult, attn_resolutions = tuple(ch_mult), tuple(attn_resolutions)
         out_channels = in_channels if out_channels is None else out_channels
-        self._check_config(in_channels, out_channels, ch, ch_mult, num_res_blocks, dropout, image_size, num_groups)
+        ch, ch_mult, block_out_channels, widths = self._resolve_widths(ch, ch_mult, block_out_channels)
+        levels_name = "block_out_channels" if ch_mult is None else "ch_mult"  # for messages
+        attn_resolutions = _int_list("attn_resolutions", attn_resolutions, allow_empty=True)
+        self._check_config(in_channels, out_channels, ch, widths, num_res_blocks, dropout, image_size, num_groups,
+                           norm_eps, flip_sin_to_cos, freq_shift, downsample_padding, mid_attention, levels_name)
         backends.check_name(backend)
-        self._config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=list(ch_mult),
-                            num_res_blocks=num_res_blocks, attn_resolutions=list(attn_resolutions),
+        # Levels with attention: where an image_size input's feature map has a side in attn_resolutions.
+        attn_levels = tuple(level for level in range(len(widths)) if image_size // 2 ** level in attn_resolutions)
+        if attention_head_dim is not None:
+            check_int("attention_head_dim", attention_head_dim, minimum=1)
+            attn_channels = sorted({widths[level] for level in attn_levels}
+                                   | ({widths[-1]} if mid_attention else set()))
+            if any(c % attention_head_dim for c in attn_channels):
+                raise ValueError(f"attention_head_dim must divide the channels of every attention block "
+                                 f"{attn_channels}, got {attention_head_dim}")
+        self._config = dict(in_channels=in_channels, out_channels=out_channels, ch=ch, ch_mult=ch_mult,
+                            num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                             dropout=dropout, image_size=image_size, fused=bool(fused), backend=backend,
-                            num_groups=num_groups)
+                            num_groups=num_groups, block_out_channels=block_out_channels, norm_eps=norm_eps,
+                            attention_head_dim=attention_head_dim, flip_sin_to_cos=flip_sin_to_cos,
+                            freq_shift=freq_shift, downsample_padding=downsample_padding,
+                            mid_attention=mid_attention)
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_levels = len(ch_mult)
+        self.ch, self.block_out_channels = ch, tuple(widths)
+        self.num_levels, self.attn_levels, self._levels_name = len(widths), attn_levels, levels_name
+        self.flip_sin_to_cos, self.freq_shift = flip_sin_to_cos, freq_shift
         temb_ch = 4 * ch
 
         def res_block(cin, cout):
-            return ResBlock(cin, cout, temb_ch, dropout, fused, backend, num_groups)
+            return ResBlock(cin, cout, temb_ch, dropout, fused, backend, num_groups, norm_eps)
+
+        def attn_block(channels):
+            return AttnBlock(channels, num_groups, norm_eps, attention_head_dim)
 
         # Timestep MLP; the SiLU every ResBlock applies to the embedding is done once, at its end.
         self.time_embed = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch), nn.SiLU())
@@ -152,60 +226,77 @@ class UNet(nn.Module):
 
         # Downsampling path; skip_chs records the channels of every saved skip connection.
         self.down = nn.ModuleList()
-        skip_chs, cur, resolution = [ch], ch, image_size
-        for level, mult in enumerate(ch_mult):
+        skip_chs, cur = [ch], ch
+        for level, width in enumerate(widths):
             stage = nn.Module()
             stage.blocks, stage.attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                stage.blocks.append(res_block(cur, ch * mult))
-                cur = ch * mult
-                stage.attns.append(AttnBlock(cur, num_groups) if resolution in attn_resolutions else nn.Identity())
+                stage.blocks.append(res_block(cur, width))
+                cur = width
+                stage.attns.append(attn_block(cur) if level in self.attn_levels else nn.Identity())
                 skip_chs.append(cur)
             if level != self.num_levels - 1:
-                stage.downsample = Downsample(cur)
+                stage.downsample = Downsample(cur, downsample_padding)
                 skip_chs.append(cur)
-                resolution //= 2
             self.down.append(stage)
 
-        self.mid = nn.ModuleList([res_block(cur, cur), AttnBlock(cur, num_groups), res_block(cur, cur)])
+        self.mid = nn.ModuleList([res_block(cur, cur), attn_block(cur) if mid_attention else nn.Identity(),
+                                  res_block(cur, cur)])
 
         # Upsampling path: one more block per level than going down, each taking a skip connection.
         self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(ch_mult))):
+        for level, width in reversed(list(enumerate(widths))):
             stage = nn.Module()
             stage.blocks, stage.attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                stage.blocks.append(res_block(cur + skip_chs.pop(), ch * mult))
-                cur = ch * mult
-                stage.attns.append(AttnBlock(cur, num_groups) if resolution in attn_resolutions else nn.Identity())
+                stage.blocks.append(res_block(cur + skip_chs.pop(), width))
+                cur = width
+                stage.attns.append(attn_block(cur) if level in self.attn_levels else nn.Identity())
             if level != 0:
                 stage.upsample = Upsample(cur)
-                resolution *= 2
             self.up.append(stage)
 
-        self.norm_out = norm_silu(cur, fused, backend, num_groups)
+        self.norm_out = norm_silu(cur, fused, backend, num_groups, norm_eps)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
         self._init_weights()
 
     @staticmethod
-    def _check_config(in_channels, out_channels, ch, ch_mult, num_res_blocks, dropout, image_size, num_groups):
-        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("ch", ch),
-                            ("image_size", image_size), ("num_groups", num_groups)):
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(num_res_blocks, int) or num_res_blocks < 1:
-            raise ValueError(f"num_res_blocks must be a positive int, got {num_res_blocks!r}")
-        if not ch_mult or not all(isinstance(m, int) and m >= 1 for m in ch_mult):
-            raise ValueError(f"ch_mult must be a non-empty sequence of positive ints, got {ch_mult!r}")
-        bad = [ch * m for m in ch_mult if (ch * m) % num_groups]
+    def _resolve_widths(ch, ch_mult, block_out_channels):
+        """(ch, ch_mult, block_out_channels, level widths): widths from ch * ch_mult, or given."""
+        if block_out_channels is None:
+            ch = DEFAULT_CH if ch is None else check_int("ch", ch, minimum=1)
+            ch_mult = _int_list("ch_mult", DEFAULT_CH_MULT if ch_mult is None else ch_mult)
+            return ch, ch_mult, None, [ch * mult for mult in ch_mult]
+        if ch_mult is not None:
+            raise ValueError(f"give ch_mult or block_out_channels, not both; got ch_mult={describe(ch_mult)} "
+                             f"and block_out_channels={describe(block_out_channels)}")
+        block_out_channels = _int_list("block_out_channels", block_out_channels)
+        ch = block_out_channels[0] if ch is None else check_int("ch", ch, minimum=1)
+        return ch, None, block_out_channels, list(block_out_channels)
+
+    @staticmethod
+    def _check_config(in_channels, out_channels, ch, widths, num_res_blocks, dropout, image_size, num_groups,
+                      norm_eps, flip_sin_to_cos, freq_shift, downsample_padding, mid_attention, levels_name):
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels),
+                            ("image_size", image_size), ("num_groups", num_groups),
+                            ("num_res_blocks", num_res_blocks)):
+            check_int(name, value, minimum=1)
+        bad = [c for c in [ch] + widths if c % num_groups]
         if bad:
-            raise ValueError(f"every ch * ch_mult must be divisible by num_groups={num_groups}, "
-                             f"got ch={ch}, ch_mult={ch_mult} (channels {bad})")
-        factor = 2 ** (len(ch_mult) - 1)
+            raise ValueError(f"ch and every level's width ({levels_name}) must be divisible by num_groups="
+                             f"{num_groups}, got ch={ch}, widths {widths} (channels {bad})")
+        factor = 2 ** (len(widths) - 1)
         if image_size % factor:
-            raise ValueError(f"image_size must be divisible by 2 ** (len(ch_mult) - 1) = {factor}, got {image_size}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {dropout!r}")
+            raise ValueError(f"image_size must be divisible by 2 ** (len({levels_name}) - 1) = {factor}, "
+                             f"got {image_size}")
+        check_number("dropout", dropout, 0.0, 1.0, open_max=True)
+        check_number("norm_eps", norm_eps, 0.0, open_min=True)
+        check_bool("flip_sin_to_cos", flip_sin_to_cos)
+        check_number("freq_shift", freq_shift)
+        if ch // 2 and ch // 2 - freq_shift <= 0:  # the embedding divides by (ch // 2 - freq_shift)
+            raise ValueError(f"freq_shift must be less than ch // 2 = {ch // 2}, got {freq_shift}")
+        check_int("downsample_padding", downsample_padding, minimum=0, maximum=1)
+        check_bool("mid_attention", mid_attention)
 
     def _init_weights(self):
         # As the TF reference: Glorot-uniform weights, zero biases, and zero for the last layer
@@ -228,6 +319,19 @@ class UNet(nn.Module):
             raise ValueError(f"unknown UNet preset {name!r}; presets are: {', '.join(sorted(cls.PRESETS))}")
         return cls(**{**cls.PRESETS[name], "fused": fused, **overrides})
 
+    @classmethod
+    def from_diffusers(cls, model_or_path, fused=True, backend="auto"):
+        """The network of a diffusers ``UNet2DModel`` with its weights (float32, CPU, eval mode).
+
+        ``model_or_path``: a UNet2DModel object, or the path of its ``save_pretrained`` folder
+        (config.json + diffusion_pytorch_model.safetensors or .bin; reading one needs no
+        diffusers). Configs outside the DDPM family raise a ValueError naming the field. See
+        :mod:`ddpm_fast.interop.diffusers`, which also writes a UNet as such a folder (save_unet).
+        """
+        from ..interop.diffusers import load_unet
+
+        return load_unet(model_or_path, fused=fused, backend=backend)
+
     @property
     def config(self):
         """The constructor arguments as a JSON-able dict: ``UNet(**model.config)`` rebuilds the network."""
@@ -249,8 +353,8 @@ class UNet(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape [batch, {self.in_channels}, height, width], got {list(x.shape)}")
         if x.shape[2] % factor or x.shape[3] % factor:
-            raise ValueError(f"x's height and width must be divisible by 2 ** (len(ch_mult) - 1) = {factor}, "
-                             f"got {x.shape[2]}x{x.shape[3]}")
+            raise ValueError(f"x's height and width must be divisible by 2 ** (len({self._levels_name}) - 1) = "
+                             f"{factor}, got {x.shape[2]}x{x.shape[3]}")
         if t.dim() != 1 or t.shape[0] != x.shape[0]:
             raise ValueError(f"t must have shape [batch] = [{x.shape[0]}], got {list(t.shape)}")
         if t.dtype == torch.bool or t.dtype.is_complex:
@@ -260,7 +364,8 @@ class UNet(nn.Module):
 
     def forward(self, x, t):
         self._check_input(x, t)
-        emb = timestep_embedding(t, self.time_embed[0].in_features)
+        emb = timestep_embedding(t, self.time_embed[0].in_features, flip_sin_to_cos=self.flip_sin_to_cos,
+                                 freq_shift=self.freq_shift)
         emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))
 
         h = self.conv_in(x)

@@ -1,0 +1,159 @@
+"""DPM-Solver++ (2M): the fused step and whole 20-step loops against diffusers' DPMSolverMultistepScheduler.
+
+Step: one second-order multistep update on the same tensors. diffusers: ``scheduler.step``
+(model-output conversion, the midpoint update, its bookkeeping), with the scheduler reset to
+the same mid-loop state before every call; fused: ``ops.dpm_solver_step`` (reads x, the model
+output and the previous x0, writes x_next and the new x0). Minimal bytes: 3 reads, 2 writes.
+
+Loop: 20 steps from the same x_T with a constant model (the solver's own cost), diffusers'
+``set_timesteps`` + ``step`` loop against ``dpm_solver_sample_loop``; and the same loop with a
+UNet (the tiny preset at batch 4 on the CPU; the cifar10 preset at batch 128 in bf16 autocast,
+channels_last, on a GPU): diffusers' scheduler driving the unfused network against the fused
+network and loop.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+from conftest import (DEVICE, FUSED_PROVIDERS, ON_GPU, assert_close, check_layout, cycle, make_tensor,
+                      provider_skip_reason, rotation_count, run_benchmark)
+from ddpm_fast import GaussianDiffusion, ops, reference
+from ddpm_fast.nn import UNet
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
+
+NUM_STEPS = 20
+STEP_CASES = [((256, 3, 32, 32), torch.float32)] + ([((128, 3, 32, 32), torch.bfloat16),
+                                                      ((256, 4, 128, 128), torch.float32)] if ON_GPU else [])
+LAYOUTS = ["contiguous", "channels_last"]
+MID_LOOP = 10  # the step index timed: a second-order step with a previous x0
+
+
+def _scheduler():
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000)
+    scheduler.set_timesteps(NUM_STEPS, device=DEVICE)
+    return scheduler
+
+
+def _step_params():
+    params = []
+    for provider in ("diffusers",) + FUSED_PROVIDERS:
+        why = None if provider == "diffusers" else provider_skip_reason(provider)
+        for (shape, dtype) in STEP_CASES:
+            for layout in LAYOUTS:
+                case_id = f"{provider}-{'x'.join(map(str, shape))}-{str(dtype).replace('torch.', '')}-{layout}"
+                params.append(pytest.param(provider, shape, dtype, layout, id=case_id,
+                                           marks=[pytest.mark.skip(reason=why)] if why else []))
+    return params
+
+
+@pytest.mark.parametrize("provider, shape, dtype, layout", _step_params())
+def test_dpm_solver_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
+    nbytes = 5 * torch.Size(shape).numel() * dtype.itemsize
+    generator = torch.Generator(DEVICE).manual_seed(0)
+    sets = [tuple(make_tensor(shape, dtype, layout, generator) for _ in range(3)) for _ in range(rotation_count(nbytes))]
+    next_set = cycle(sets)
+    scheduler = _scheduler()
+    timestep = scheduler.timesteps[MID_LOOP]
+
+    if provider == "diffusers":
+        def fn():
+            x, model_output, x0_prev = next_set()
+            scheduler._step_index, scheduler.lower_order_nums = MID_LOOP, 2
+            scheduler.model_outputs = [x0_prev, x0_prev]
+            return scheduler.step(model_output, timestep, x).prev_sample
+    else:
+        diffusion = GaussianDiffusion(betas=scheduler.betas.double())
+        _, rows = diffusion.dpm_solver_plan(NUM_STEPS)
+        table = rows.to(DEVICE, torch.float32)
+        index = torch.full((shape[0],), MID_LOOP, device=DEVICE)
+
+        def fn():
+            x, model_output, x0_prev = next_set()
+            return ops.dpm_solver_step(x, model_output, x0_prev, index, table, backend=provider), x, model_output, \
+                x0_prev
+
+    info = dict(op="dpm_solver_step", provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+                layout=layout, buffers=len(sets), group=f"dpm_solver_step {'x'.join(map(str, shape))} {dtype} {layout}")
+    out = run_benchmark(benchmark, fn, info=info, nbytes=nbytes, copy_gbps=copy_bandwidth)
+    if provider != "diffusers" and out is not None:
+        (x_next, x0), x, model_output, x0_prev = out
+        check_layout(x_next, layout)
+        expected, _ = reference.dpm_solver_step(x.double(), model_output.double(), x0_prev.double(), index,
+                                                table.double())
+        assert_close(x_next, expected)
+
+
+# ----------------------------------------------------------------------------- whole loops
+
+def _autocast():
+    return torch.autocast("cuda", dtype=torch.bfloat16) if ON_GPU else contextlib.nullcontext()
+
+
+def _loop_info(op, provider, model, batch, dtype, layout):
+    return dict(op=op, provider=provider, preset=model, batch=batch, shape=[batch, 3, 32, 32], dtype=dtype,
+                layout=layout, steps=NUM_STEPS, group=f"{op} {model} batch {batch} {dtype} {layout}")
+
+
+@pytest.mark.parametrize("provider", ["diffusers", "fused"])
+def test_dpm_solver_loop_constant_model(benchmark, provider):
+    batch = 256
+    x_T = torch.randn(batch, 3, 32, 32, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    constant = 0.1 * torch.randn_like(x_T)
+
+    def model(x, t):
+        return constant
+
+    if provider == "diffusers":
+        scheduler = _scheduler()
+
+        def fn():
+            scheduler.set_timesteps(NUM_STEPS, device=DEVICE)
+            x = x_T
+            for t in scheduler.timesteps:
+                x = scheduler.step(model(x, t), t, x).prev_sample
+            return x
+    else:
+        diffusion = GaussianDiffusion()
+
+        def fn():
+            return diffusion.dpm_solver_sample_loop(model, x_T.shape, num_steps=NUM_STEPS, x_T=x_T)
+
+    out = run_benchmark(benchmark, fn, info=_loop_info("dpm_solver_loop", provider, "constant", batch, "float32",
+                                                       "contiguous"), images=batch)
+    assert out.shape == x_T.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("provider", ["diffusers", "fused"])
+def test_dpm_solver_loop_unet(benchmark, provider):
+    preset, batch = ("cifar10", 128) if ON_GPU else ("tiny", 4)
+    layout, dtype = ("channels_last", "bf16-autocast") if ON_GPU else ("contiguous", "float32")
+    torch.manual_seed(0)
+    unet = UNet.from_preset(preset, fused=provider == "fused").to(DEVICE).eval()
+    memory_format = torch.channels_last if ON_GPU else torch.contiguous_format
+    unet = unet.to(memory_format=memory_format)
+    x_T = torch.randn(batch, 3, 32, 32, device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(0))
+    x_T = x_T.contiguous(memory_format=memory_format)
+
+    if provider == "diffusers":
+        scheduler = _scheduler()
+
+        def fn():
+            scheduler.set_timesteps(NUM_STEPS, device=DEVICE)
+            x = x_T
+            with torch.no_grad(), _autocast():
+                for t in scheduler.timesteps:
+                    x = scheduler.step(unet(x, t.expand(batch)), t, x).prev_sample
+            return x
+    else:
+        diffusion = GaussianDiffusion()
+
+        def fn():
+            with _autocast():
+                return diffusion.dpm_solver_sample_loop(unet, x_T.shape, num_steps=NUM_STEPS, x_T=x_T)
+
+    out = run_benchmark(benchmark, fn, info=_loop_info("dpm_solver_loop", provider, preset, batch, dtype, layout),
+                        images=batch)
+    assert out.shape == x_T.shape and torch.isfinite(out).all()

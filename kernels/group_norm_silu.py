@@ -360,6 +360,13 @@ def _next_pow2(v):
     return 1 << max(int(v) - 1, 0).bit_length()
 
 
+def _multi_processor_count(device):
+    """SMs of a CUDA device; 0 for the CPU interpreter, where fewer, larger programs are cheaper."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _plan(x, num_groups):
     """Launch configuration: groups per program, tile shape, one tile or chunked, warps."""
     num_channels, spatial = x.shape[1], math.prod(x.shape[2:])
@@ -372,9 +379,7 @@ def _plan(x, num_groups):
         # Several groups per program, so each spatial position is one contiguous run of channels;
         # gpp divides num_groups so every program owns whole groups.
         tile_limit = _MAX_TILE if one_tile else _CHUNK_TILE
-        min_programs = 0  # the CPU interpreter: fewer, larger programs are cheaper
-        if x.is_cuda:
-            min_programs = _MIN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+        min_programs = _MIN_PROGRAMS_PER_SM * _multi_processor_count(x.device)
         for d in range(2, num_groups + 1):
             if num_groups % d or d * cg * x.element_size() > _ROW_BYTES or x.shape[0] * num_groups // d < min_programs:
                 continue

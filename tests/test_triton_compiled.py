@@ -18,8 +18,9 @@ This file compiles, with no GPU, what GPU launches would compile:
    the global loads and stores of each pointer argument from the PTX.
 
 It fails on a compile error, on any spill (a stack frame or local memory), and when a global
-access of a full-size tensor in an elementwise kernel is not a 128-bit vector on fp32 input
-whose pointers and element count are multiples of 16 bytes / elements.
+access of a full-size tensor in an elementwise kernel is not a 128-bit vector (ld/st.global
+.v4.b32) on input whose pointers and element count are multiples of 16 bytes / elements: fp32,
+and fp16 / bf16 too (8 elements per thread, so also one 128-bit access per tensor).
 
 The table benchmarks/results/triton-compiled.md (and .json) lists every specialization with
 its resources, to compare with a GPU run; regenerate it with
@@ -477,11 +478,10 @@ def vector_violations(result, launch):
     return problems
 
 
-def _aligned_fp32(launch):
-    """fp32 input, every tensor 16-byte aligned, the element count a multiple of 16."""
+def _aligned(launch):
+    """Every tensor 16-byte aligned and the element count a multiple of 16."""
     tensors = [a for a in launch["args"] if isinstance(a, dict)]
-    return (launch["args"][0]["tensor"] == "float32" and all(a["data_ptr"] % 16 == 0 for a in tensors)
-            and launch["args"][0]["numel"] % 16 == 0)
+    return all(a["data_ptr"] % 16 == 0 for a in tensors) and launch["args"][0]["numel"] % 16 == 0
 
 
 def _missing_compiler_api():
@@ -528,22 +528,23 @@ def test_elementwise_accesses_are_128_bit_vectors(compiled, arch):
     checked, problems = set(), []
     for launch, key in launches:
         result = results[key]
-        if result["module"] not in ELEMENTWISE_MODULES or not _aligned_fp32(launch) or key in checked:
+        if result["module"] not in ELEMENTWISE_MODULES or not _aligned(launch) or key in checked:
             continue
         checked.add(key)
         if not result["error"]:
             problems += [f"{result['kernel']} ({launch['description']}): {p}" for p in vector_violations(result, launch)]
-    assert checked, "no elementwise launch on aligned fp32 input was recorded"
+    assert {results[key]["params"][0]["type"] for key in checked} == {"*fp32", "*fp16", "*bf16"}, \
+        "not every dtype has an elementwise launch on aligned input"
     assert not problems, f"global accesses that are not 128-bit vectors on sm_{arch}:\n" + "\n".join(problems)
 
 
 def test_vector_check_sees_misaligned_scalar_accesses(compiled):
-    """The vector check has teeth: on misaligned fp32 tensors (a view one element into its storage)
-    the compiler must fall back to 32-bit accesses, and the check must say so for every such launch."""
+    """The vector check has teeth: on a misaligned input (a view one element into its storage) the
+    compiler must fall back to scalar accesses, and the check must say so for every such launch."""
     results, launches = compiled[90]
     misaligned = [(launch, results[key]) for launch, key in launches
-                  if results[key]["module"] in ELEMENTWISE_MODULES and launch["args"][0]["tensor"] == "float32"
-                  and launch["args"][0]["data_ptr"] % 16 and not results[key]["error"]]
+                  if results[key]["module"] in ELEMENTWISE_MODULES and launch["args"][0]["data_ptr"] % 16
+                  and not results[key]["error"]]
     assert misaligned, "no misaligned elementwise launch was recorded"
     for launch, result in misaligned:
         assert vector_violations(result, launch), f"{launch['description']}: {result['accesses']}"
@@ -659,8 +660,8 @@ def write_table(compiled, path=TABLE):
         "  launchers pick over the launches of `tests/test_triton_compiled.py`, compiled with",
         "  `triton.compile` and the launchers' options; resources from `cuobjdump --dump-resource-usage`.",
         "- regs: registers per thread; stack: stack frame bytes (spills; local memory was 0 everywhere",
-        "  unless shown); smem: shared memory bytes the launch requests (the cubin's static shared",
-        "  memory, 1 KiB reserved on sm_90, is not included); global ld/st: PTX global loads and stores",
+        "  unless shown); smem: dynamic shared memory bytes the launch requests (the cubin's static",
+        "  shared memory, 0 or 1 KiB, is in the JSON); global ld/st: PTX global loads and stores",
         f"  (vector width and element bits, instruction count) on sm_{archs[-1]}.",
         "- A label shows what varies among the kernel's specializations: pointer element types (and",
         "  `(unaligned)` when the pointer is not a multiple of 16 bytes), integer arguments divisible",

@@ -53,6 +53,8 @@ from ddpm_fast.kernels import diffusion_steps, group_norm_silu  # noqa: E402
 
 # Compute capability -> SMs of the GPU the GroupNorm plan is made for (A100, H100 SXM).
 ARCHS = {80: 108, 90: 132}
+# Modules whose kernels are recorded: every triton.jit object in them.
+KERNEL_MODULES = (diffusion_steps, group_norm_silu)
 # Kernels that walk storage linearly, one element per lane: their full-size tensors must be
 # read and written in 128-bit vectors.
 ELEMENTWISE_MODULES = (diffusion_steps.__name__,)
@@ -125,8 +127,10 @@ def _group_norm_launches():
     of two and not), masked tile rows and columns (7x7, 3 or 12 channels per group), and the
     extremes (one element per group and sample, 4096 channels in a 1x4096 channels_last tile).
     The first six (the UNet's sizes among them) get every dtype with and without affine
-    parameters, the others fp32. Channels_last shapes have a batch large enough for several
-    groups per program on the GPU, except where noted. The plan of each is in the table.
+    parameters (and fp32 parameters with fp16 / bf16 input), the others fp32; then weight only,
+    bias only, float64 parameters, grad_y in another layout than x, and a misaligned x.
+    Channels_last shapes have a batch large enough for several groups per program on the GPU,
+    except where noted. The plan of each is in the table.
     """
     full = [  # (N, C, spatial...), groups, channels_last, what it is for
         ((2, 96, 7, 7), 32, False, "small odd groups: masked rows and columns"),
@@ -151,8 +155,9 @@ def _group_norm_launches():
         ((1, 4096, 4, 4), 1, True, "one group of 4096 channels"),
     ]
 
-    def launches(shape, groups, channels_last, note, dtype, weight_dtype, bias_dtype, mixed_layout=False):
-        x = _tensor(shape, dtype, channels_last)
+    def launches(shape, groups, channels_last, note, dtype, weight_dtype, bias_dtype, mixed_layout=False,
+                 misaligned=False):
+        x = _tensor(shape, dtype, channels_last, misaligned)
         channels = shape[1]
         weight = torch.empty(channels, dtype=weight_dtype) if weight_dtype else None
         bias = torch.empty(channels, dtype=bias_dtype) if bias_dtype else None
@@ -180,13 +185,15 @@ def _group_norm_launches():
     yield from launches((2, 128, 32, 32), 32, False, "float64 parameters", torch.float16, torch.float64, torch.float64)
     yield from launches((2, 128, 32, 32), 32, True, "grad_y NCHW, x channels_last", torch.float32,
                         torch.float32, torch.float32, mixed_layout=True)
+    yield from launches((2, 128, 32, 32), 32, False, "x a view one element into its storage", torch.float32,
+                        torch.float32, torch.float32, misaligned=True)
     for shape, groups, channels_last, note in sweep:
         yield from launches(shape, groups, channels_last, note, torch.float32, torch.float32, torch.float32)
 
 
 def _launches():
-    """(description, call) of every launcher call to record. A new kernel or launcher mode gets
-    a line here (or in the functions above); the recorder catches every kernel of the modules."""
+    """(description, call) of every launcher call to record. A new launcher or mode gets its calls
+    here or in the functions above; every kernel of KERNEL_MODULES is recorded without more."""
     yield from _diffusion_launches()
     yield from _group_norm_launches()
 
@@ -225,7 +232,7 @@ def record_launches(sm_count):
     dicts (kernel, args, kwargs, description)."""
     recorded = []
     with pytest.MonkeyPatch.context() as patch:
-        for module in (diffusion_steps, group_norm_silu):
+        for module in KERNEL_MODULES:
             for name, value in list(vars(module).items()):
                 if isinstance(value, triton.runtime.KernelInterface):
                     patch.setattr(module, name, _Recorder(module, name, recorded))

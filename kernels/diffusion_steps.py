@@ -40,6 +40,10 @@ from .philox import philox_normal_block
 # 40 registers on sm_90, no spills: high occupancy to hide the latency of the loads).
 BLOCK = 2048
 NUM_WARPS = 8
+# Compile options of every launch on a GPU (the interpreter takes none): debug=True compiles the
+# t-range device assert in; overflow checks stay off, since Philox relies on uint32 arithmetic
+# wrapping.
+GPU_OPTIONS = dict(num_warps=NUM_WARPS, debug=True, sanitize_overflow=False)
 
 NOISE_NONE, NOISE_GIVEN, NOISE_DRAWN = 0, 1, 2
 Q_SAMPLE_COLUMNS, STEP_COLUMNS = 2, 5
@@ -229,11 +233,7 @@ def _launch(kernel, x, num_t, *args, **constexprs):
     """One program per BLOCK elements of storage; a table row lookup per batch element."""
     numel = x.numel()
     per_batch = numel // x.shape[0]
-    options = {}
-    if not _interpreted():
-        # debug=True compiles the t-range device assert in; overflow checks stay off, since
-        # Philox relies on uint32 arithmetic wrapping.
-        options = dict(num_warps=NUM_WARPS, debug=True, sanitize_overflow=False)
+    options = {} if _interpreted() else GPU_OPTIONS
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         kernel[(triton.cdiv(numel, BLOCK),)](*args, numel, per_batch, x.shape[0], num_t,
                                              FEW_ROWS=per_batch >= BLOCK, BLOCK=BLOCK, **constexprs, **options)

@@ -35,8 +35,13 @@ import triton.language as tl
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Elements of one tensor a program keeps on chip in the one-tile path (16 warps: 32 fp32
-# registers per thread per tensor; the backward keeps two).
+# registers per thread per tensor).
 _MAX_TILE = 16384
+# The backward keeps x, dy and what it computes from them live across its reductions: on 16
+# warps, 16384 fp32 elements need more than the 128 registers per thread they allow, and even
+# 8192 spill on sm_80 (ptxas holds them to 64 registers). So its tile is at most 8192 elements,
+# on 32 warps above 4096 (42 to 58 registers, no spills, sm_80 and sm_90).
+_MAX_TILE_BACKWARD = 8192
 # Tile size of the chunked path, which streams a group through in several tiles.
 _CHUNK_TILE = 4096
 # channels_last: bytes of contiguous channels a program should read per spatial position.
@@ -360,21 +365,28 @@ def _next_pow2(v):
     return 1 << max(int(v) - 1, 0).bit_length()
 
 
-def _plan(x, num_groups):
-    """Launch configuration: groups per program, tile shape, one tile or chunked, warps."""
+def _multi_processor_count(device):
+    """SMs of a CUDA device; 0 for the CPU interpreter, where fewer, larger programs are cheaper."""
+    if device.type != "cuda":
+        return 0
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _plan(x, num_groups, backward=False):
+    """Launch configuration of the forward or backward kernel: groups per program, tile shape,
+    one tile or chunked, warps."""
+    max_tile = _MAX_TILE_BACKWARD if backward else _MAX_TILE
     num_channels, spatial = x.shape[1], math.prod(x.shape[2:])
     cg = num_channels // num_groups
     _, stride_c, stride_s = _flat_strides(x)
     channels_inner = stride_c == 1 and stride_s != 1 and spatial > 1  # channels_last
-    one_tile = _next_pow2(spatial) * _next_pow2(cg) <= _MAX_TILE
+    one_tile = _next_pow2(spatial) * _next_pow2(cg) <= max_tile
     gpp = 1
     if channels_inner:
         # Several groups per program, so each spatial position is one contiguous run of channels;
         # gpp divides num_groups so every program owns whole groups.
-        tile_limit = _MAX_TILE if one_tile else _CHUNK_TILE
-        min_programs = 0  # the CPU interpreter: fewer, larger programs are cheaper
-        if x.is_cuda:
-            min_programs = _MIN_PROGRAMS_PER_SM * torch.cuda.get_device_properties(x.device).multi_processor_count
+        tile_limit = max_tile if one_tile else _CHUNK_TILE
+        min_programs = _MIN_PROGRAMS_PER_SM * _multi_processor_count(x.device)
         for d in range(2, num_groups + 1):
             if num_groups % d or d * cg * x.element_size() > _ROW_BYTES or x.shape[0] * num_groups // d < min_programs:
                 continue
@@ -390,7 +402,7 @@ def _plan(x, num_groups):
         block_s = min(_next_pow2(spatial), _CHUNK_TILE)
         block_c = min(_next_pow2(cspan), _CHUNK_TILE // block_s)
     tile = block_s * block_c
-    num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 16
+    num_warps = 4 if tile <= 1024 else 8 if tile <= 4096 else 32 if backward else 16
     return dict(CG=cg, CSPAN=cspan, BLOCKS_PER_SAMPLE=num_groups // gpp, ONE_TILE=one_tile, GPP=gpp,
                 GPP_BLOCK=_next_pow2(gpp), BLOCK_S=block_s, BLOCK_C=block_c, num_warps=num_warps)
 
@@ -459,7 +471,7 @@ def backward(grad_y, x, weight, bias, mean, rstd, num_groups):
     dw_part = torch.empty(batch, num_channels, device=x.device, dtype=torch.float32) if weight is not None else None
     db_part = torch.empty(batch, num_channels, device=x.device, dtype=torch.float32) if bias is not None else None
     if batch:
-        plan = _plan(x, num_groups)
+        plan = _plan(x, num_groups, backward=True)
         _backward_kernel[(batch * plan["BLOCKS_PER_SAMPLE"],)](
             grad_y, x, grad_x, weight if weight is not None else x, bias if bias is not None else x,
             mean.contiguous(), rstd.contiguous(),

@@ -91,6 +91,13 @@ def _diffusion_launches():
                        lambda noise=noise, clip=clip, drawn=noise_mode == "drawn": diffusion_steps.reverse_step(
                            x, torch.empty_like(x), t, table, clip, noise, seed if drawn else None))
 
+    def dpm_modes(x, t, table, seed):
+        for clip in (False, True):
+            for x0_prev in (None, torch.empty_like(x)):
+                yield (f"dpm_solver_step clip={int(clip)} x0_prev={'none' if x0_prev is None else 'given'}",
+                       lambda x0_prev=x0_prev, clip=clip: diffusion_steps.dpm_solver_step(
+                           x, torch.empty_like(x), x0_prev, t, table, clip))
+
     def q_sample_modes(x, t, table, seed):
         yield "q_sample noise=given", lambda: diffusion_steps.q_sample(x, t, table, torch.empty_like(x), None)
         yield "q_sample noise=drawn", lambda: diffusion_steps.q_sample(x, t, table, None, seed)
@@ -102,7 +109,8 @@ def _diffusion_launches():
         where = "x".join(map(str, shape)) + (" misaligned" if misaligned else "") + (
             " t int32" if t_dtype == torch.int32 else "")
         for mode, columns in ((q_sample_modes, diffusion_steps.Q_SAMPLE_COLUMNS),
-                              (step_modes, diffusion_steps.STEP_COLUMNS)):
+                              (step_modes, diffusion_steps.STEP_COLUMNS),
+                              (dpm_modes, diffusion_steps.STEP_COLUMNS)):
             table = torch.zeros(1000, columns)
             for name, call in list(mode(x, t, table, seed))[:1 if first_mode_only else None]:
                 yield f"{name} {str(dtype).removeprefix('torch.')} {where}", call

@@ -19,6 +19,7 @@
 #include <cstdint>
 
 #include "ddpm_fast/cuda_dtype.cuh"
+#include "ddpm_fast/cuda_launch.h"
 #include "ddpm_fast/diffusion_steps.h"
 #include "ddpm_fast/diffusion_steps_kernels.h"
 #include "ddpm_fast/philox.h"
@@ -175,11 +176,11 @@ template <typename T, bool kVec>
 void launch_step(const StepArgs& a, cudaStream_t stream) {
   const unsigned int grid = grid_for(a.numel);
   if (a.seed != nullptr) {
-    step_kernel<T, kVec, kDrawnNoise><<<grid, kThreads, 0, stream>>>(a);
+    launch(step_kernel<T, kVec, kDrawnNoise>, grid, kThreads, 0, stream, a);
   } else if (a.noise != nullptr) {
-    step_kernel<T, kVec, kGivenNoise><<<grid, kThreads, 0, stream>>>(a);
+    launch(step_kernel<T, kVec, kGivenNoise>, grid, kThreads, 0, stream, a);
   } else {
-    step_kernel<T, kVec, kNoNoise><<<grid, kThreads, 0, stream>>>(a);
+    launch(step_kernel<T, kVec, kNoNoise>, grid, kThreads, 0, stream, a);
   }
 }
 
@@ -200,10 +201,10 @@ void launch_q_sample(const QSampleArgs& a, cudaStream_t stream) {
   const bool vec = aligned(a.x_start, bytes) && aligned(a.noise, bytes) && aligned(a.out, bytes) &&
                    aligned(a.drawn_noise, bytes);
   const bool drawn = a.seed != nullptr;
-  if (vec && drawn) q_sample_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(a);
-  if (vec && !drawn) q_sample_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(a);
-  if (!vec && drawn) q_sample_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(a);
-  if (!vec && !drawn) q_sample_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(a);
+  if (vec && drawn) launch(q_sample_kernel<T, true, true>, grid, kThreads, 0, stream, a);
+  if (vec && !drawn) launch(q_sample_kernel<T, true, false>, grid, kThreads, 0, stream, a);
+  if (!vec && drawn) launch(q_sample_kernel<T, false, true>, grid, kThreads, 0, stream, a);
+  if (!vec && !drawn) launch(q_sample_kernel<T, false, false>, grid, kThreads, 0, stream, a);
 }
 
 }  // namespace

@@ -22,11 +22,12 @@ import torch
 
 OP_NAMESPACE = "ddpm_fast_emulated"
 
-# -fsanitize: a misaligned vector access or an out-of-bounds index into a fixed-size array
-# (e.g. __shared__) becomes a launch error, as the GPU faults (handlers in csrc/emulation/).
+# Flags of every file compiled against the emulation. -fsanitize: a misaligned vector access or
+# an out-of-bounds index into a fixed-size array (e.g. __shared__) becomes a launch error, as the
+# GPU faults (the handlers are in csrc/emulation/); #pragma unroll means nothing to g++.
+EMULATION_CFLAGS = ("-fsanitize=alignment,bounds", "-Wno-unknown-pragmas")
 # -fvisibility=hidden: nothing here interposes on ddpm_fast._C's symbols of the same names.
-_CFLAGS = ("-O2", "-DDDPM_FAST_WITH_CUDA", "-DDDPM_FAST_CUDA_EMULATION", "-fvisibility=hidden",
-           "-fsanitize=alignment,bounds", "-Wno-unknown-pragmas")
+_CFLAGS = ("-O2", "-DDDPM_FAST_WITH_CUDA", "-DDDPM_FAST_CUDA_EMULATION", "-fvisibility=hidden", *EMULATION_CFLAGS)
 _LDFLAGS = ("-Wl,-z,defs",)  # a runtime call the emulator lacks fails the link, not the load
 
 _lock = threading.Lock()

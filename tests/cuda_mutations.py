@@ -103,12 +103,13 @@ def run(name, mutation, workdir):
     env = dict(os.environ, DDPM_FAST_EMULATION_SOURCES=source_dir)
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_cuda_emulated.py"),
-                             "-q", "-rfE", "-p", "no:cacheprovider"], capture_output=True, text=True, env=env,
-                            cwd=workdir)
-    failed = re.findall(r"^(?:FAILED|ERROR) \S+::(\w+)", result.stdout, flags=re.M)
+                             "-v", "-p", "no:cacheprovider"], capture_output=True, text=True, env=env, cwd=workdir)
     counts = {}
-    for test in failed:
+    for test in re.findall(r"::(\w+)\S* (?:FAILED|ERROR)", result.stdout):
         counts[test] = counts.get(test, 0) + 1
+    if result.returncode not in (0, 1):  # the test process died (e.g. of a corrupted heap): that fails too
+        running = re.findall(r"::(\w+)\S*\s*$", result.stdout.strip().splitlines()[-1] if result.stdout.strip() else "")
+        counts[f"process died (exit {result.returncode}) in {running[0] if running else '?'}"] = 1
     return counts, result, time.time() - start
 
 

@@ -29,10 +29,11 @@ MUTATIONS = {
         GNS, "  __syncthreads();\n  v = threadIdx.x % 32 < kWarps ? smem[threadIdx.x % 32] : 0.0f;",
         "  v = threadIdx.x % 32 < kWarps ? smem[threadIdx.x % 32] : 0.0f;"),
     "block_welford: __syncthreads() deleted": (
-        GNS, "  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;\n  __syncthreads();\n  v = threadIdx.x % 32 < kWarps ? smem[threadIdx.x % 32] : gns",
-        "  if (threadIdx.x % 32 == 0) smem[threadIdx.x / 32] = v;\n  v = threadIdx.x % 32 < kWarps ? smem[threadIdx.x % 32] : gns"),
+        GNS, "  __syncthreads();\n  v = threadIdx.x % 32 < kWarps ? smem[threadIdx.x % 32] : gns",
+        "  v = threadIdx.x % 32 < kWarps ? smem[threadIdx.x % 32] : gns"),
     "backward_channel_sums (channels_last): __syncthreads() deleted": (
-        GNS, "  part[1][row][threadIdx.x % 32] = sgx;\n    __syncthreads();\n", "  part[1][row][threadIdx.x % 32] = sgx;\n"),
+        GNS, "  part[1][row][threadIdx.x % 32] = sgx;\n    __syncthreads();\n",
+        "  part[1][row][threadIdx.x % 32] = sgx;\n"),
     "block_sum: shuffle offsets start at 8 instead of 16": (
         GNS, "  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);\n  __syncthreads();",
         "  for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);\n  __syncthreads();"),
@@ -50,7 +51,8 @@ MUTATIONS = {
     "forward_onepass: variance counts the padding (no tail bound)": (
         GNS, "    sq += e < d ? dv * dv : 0.0f;", "    sq += dv * dv;"),
     "forward_stats_chunked: Welford loop skips the last element": (
-        GNS, "for (int64_t e = threadIdx.x; e < d; e += kBlock) acc", "for (int64_t e = threadIdx.x; e < d - 1; e += kBlock) acc"),
+        GNS, "for (int64_t e = threadIdx.x; e < d; e += kBlock) acc",
+        "for (int64_t e = threadIdx.x; e < d - 1; e += kBlock) acc"),
     "backward_channel_sums (channels_last): channel tail bound ch <= c": (
         GNS, "    if (row == 0 && ch < c) {", "    if (row == 0 && ch <= c) {"),
     "backward_reduce: tail bound t <= n * groups": (
@@ -58,15 +60,16 @@ MUTATIONS = {
     "channels_last index: sample_channel takes the NCHW channel": (
         GNS, "  ch = CL ? i % c : (i / s) % c;", "  ch = CL ? (i / s) % c : (i / s) % c;"),
     "channels_last index: GroupIndex offset swaps row and channel": (
-        GNS, "if (CL) return (n * s + e / cg) * c + g * cg + e % cg;", "if (CL) return (n * s + e % cg) * c + g * cg + e / cg;"),
+        GNS, "if (CL) return (n * s + e / cg) * c + g * cg + e % cg;",
+        "if (CL) return (n * s + e % cg) * c + g * cg + e / cg;"),
     "channels_last backward: wrong channel block stride (16 instead of 32)": (
         GNS, "ch = blockIdx.y * 32 + threadIdx.x % 32;", "ch = blockIdx.y * 16 + threadIdx.x % 32;"),
     "backward_reduce: c2 from the dbeta sums": (GNS, "    c2[t] = bsum / d;", "    c2[t] = a / d;"),
     "steps: vector path taken on misaligned pointers": (
-        STEPS, "bool aligned(const void* p, int bytes) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }",
-        "bool aligned(const void* p, int bytes) { return true; }"),
+        STEPS, "{ return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }", "{ return true; }"),
     "steps: scalar tail bound e <= numel in for_each_in_group": (
-        STEPS, "    if (e < numel) {\n      if (e >= batch_end) {", "    if (e <= numel) {\n      if (e >= batch_end) {"),
+        STEPS, "    if (e < numel) {\n      if (e >= batch_end) {",
+        "    if (e <= numel) {\n      if (e >= batch_end) {"),
     "steps: the table row not looked up again after a batch boundary": (
         STEPS, "      if (e >= batch_end) {", "      if (row == nullptr) {"),
     "steps: no range check of t (no __trap)": (

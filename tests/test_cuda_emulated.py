@@ -355,7 +355,8 @@ def _check_group_norm_silu(emu, dtype, shape, groups, layout, affine):
         assert out.dtype == dtype, f"{name}: dtype {out.dtype}"
         assert not torch.isnan(out).any(), f"{name}: an element was not written or read a NaN guard"
         err, ref_err = _rel_err(out, ref64), _rel_err(ref, ref64)
-        assert err <= 2 * ref_err + SLACK[dtype], f"{name}: relative error {err:.3g}, same-dtype reference {ref_err:.3g}"
+        assert err <= 2 * ref_err + SLACK[dtype], \
+            f"{name}: relative error {err:.3g}, same-dtype reference {ref_err:.3g}"
     if x.dim() >= 4 or layout == "contiguous":  # (a 3-D channels-innermost x is copied to contiguous first)
         assert y.stride() == x.stride() and dx.stride() == x.stride(), "the outputs lost x's layout"
     ref_mean, ref_rstd = reference.group_norm_silu_stats(x, groups, 1e-5)

@@ -652,8 +652,8 @@ void misaligned(const TypeMismatchData* data, uintptr_t pointer) {
 }
 
 void out_of_bounds(const OutOfBoundsData* data, uintptr_t index) {
-  ddpm_fast::emu::sanitizer_fault(cudaErrorIllegalAddress, "array index " + std::to_string(static_cast<intptr_t>(index)) +
-                                                               " out of bounds at " + where(data->location));
+  const std::string what = "array index " + std::to_string(static_cast<intptr_t>(index)) + " out of bounds";
+  ddpm_fast::emu::sanitizer_fault(cudaErrorIllegalAddress, what + " at " + where(data->location));
 }
 }  // namespace
 

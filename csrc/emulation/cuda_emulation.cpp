@@ -594,6 +594,9 @@ const char* get_error_string(cudaError_t error) {
 
 void launch_grid(dim3 grid, dim3 block, size_t shared_bytes, cudaStream_t, void (*thread_body)(const void*),
                  const void* closure) {
+  if (std::this_thread::get_id() == worker_id) {
+    return set_error(cudaErrorNotSupported, "operation not supported (CUDA emulation: a launch from a kernel)");
+  }
   const std::string bad = bad_configuration(grid, block, shared_bytes);
   if (!bad.empty()) {
     const cudaError_t error = shared_bytes != 0 ? cudaErrorInvalidValue : cudaErrorInvalidConfiguration;

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
@@ -143,9 +144,22 @@ def _extension_setup():
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildWithNvcc.with_options(use_ninja=True)}}
 
 
+class BuildPyWithSources(build_py):
+    """Installs csrc/ as ddpm_fast/_csrc too: ddpm_fast.testing builds the test-only CUDA
+    emulation from it (a checkout uses its csrc/ directly)."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            target = os.path.join(self.build_lib, "ddpm_fast", "_csrc")
+            shutil.copytree(CSRC, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.o"))
+
+
+extension = _extension_setup()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
     package_data={"ddpm_fast": ["assets/*"]},
-    **_extension_setup(),
+    cmdclass={"build_py": BuildPyWithSources, **extension.pop("cmdclass", {})},
+    **extension,
 )

@@ -6,7 +6,6 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -14,6 +13,7 @@
 
 #include "ddpm_fast/diffusion_steps.h"
 #include "ddpm_fast/diffusion_steps_kernels.h"
+#include "ddpm_fast/op_registration.h"
 
 namespace ddpm_fast {
 namespace {
@@ -58,8 +58,8 @@ void check_like(const Tensor& y, const char* name, const Tensor& x, const char* 
 }
 
 // t: int64 [batch] on x's device; returned contiguous. On the CPU its values are range-checked
-// here, before any table read; on CUDA the kernel checks them (a device-side trap), so that no
-// host sync is needed.
+// here, before any table read; on CUDA (and in the emulated CUDA build) the kernel checks them
+// (a device-side trap), so that no host sync is needed.
 Tensor check_timesteps(const Tensor& t, const Tensor& x, int64_t num_timesteps, const char* name = "t") {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got ", t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == x.size(0), name, " must have shape [batch_size] = [", x.size(0),
@@ -67,7 +67,7 @@ Tensor check_timesteps(const Tensor& t, const Tensor& x, int64_t num_timesteps, 
   TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on the input's device (", x.device(), "), got ",
                     t.device());
   Tensor tc = t.contiguous();
-  if (tc.device().is_cpu()) {
+  if (tc.device().is_cpu() && !kEmulatedCuda) {
     const int64_t* values = tc.const_data_ptr<int64_t>();
     for (int64_t b = 0; b < tc.numel(); ++b) {
       TORCH_CHECK_VALUE(values[b] >= 0 && values[b] < num_timesteps, name, " must lie in [0, ", num_timesteps,
@@ -213,18 +213,12 @@ std::tuple<Tensor, Tensor> dpm_solver_step_cpu_op(const Tensor& x, const Tensor&
 // ----------------------------------------------------------------------------- CUDA
 
 #ifdef DDPM_FAST_WITH_CUDA
-// The current CUDA stream of x's device, through torch's device-generic interface (the CUDA
-// headers of a CPU build of torch do not compile; this works with either build).
-void* current_stream(const Tensor& x) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-}
-
 // The tensors' pointers are checked above; a t out of range traps on the device.
 std::tuple<Tensor, Tensor> q_sample_cuda_op(const Tensor& x_start, const Tensor& t, const Tensor& table,
                                             const OptTensor& noise, const OptTensor& seed) {
   const c10::DeviceGuard guard(x_start.device());
   QSampleCall call = prepare_q_sample(x_start, t, table, noise, seed);
-  const char* error = q_sample_cuda(call.args, current_stream(x_start));
+  const char* error = q_sample_cuda(call.args, cuda_stream(x_start.device()));
   TORCH_CHECK(error == nullptr, "ddpm_fast::q_sample: CUDA kernel launch failed: ", error);
   return {call.out, call.drawn};
 }
@@ -233,7 +227,7 @@ Tensor step_cuda_op(const Tensor& x_t, const Tensor& model_output, const Tensor&
                     bool clip_denoised, const OptTensor& noise, const OptTensor& seed) {
   const c10::DeviceGuard guard(x_t.device());
   StepCall call = prepare_step(x_t, model_output, t, table, clip_denoised, noise, seed);
-  const char* error = step_cuda(call.args, current_stream(x_t));
+  const char* error = step_cuda(call.args, cuda_stream(x_t.device()));
   TORCH_CHECK(error == nullptr, "ddpm_fast::reverse_step / ddim_step: CUDA kernel launch failed: ", error);
   return call.out;
 }
@@ -243,7 +237,7 @@ std::tuple<Tensor, Tensor> dpm_solver_step_cuda_op(const Tensor& x, const Tensor
                                                    const Tensor& table, bool clip_denoised) {
   const c10::DeviceGuard guard(x.device());
   StepCall call = prepare_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised);
-  const char* error = dpm_solver_step_cuda(call.args, current_stream(x));
+  const char* error = dpm_solver_step_cuda(call.args, cuda_stream(x.device()));
   TORCH_CHECK(error == nullptr, "ddpm_fast::dpm_solver_step: CUDA kernel launch failed: ", error);
   return {call.out, call.x0};
 }
@@ -252,7 +246,7 @@ std::tuple<Tensor, Tensor> dpm_solver_step_cuda_op(const Tensor& x, const Tensor
 }  // namespace
 }  // namespace ddpm_fast
 
-TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
+DDPM_FAST_LIBRARY(m) {
   m.def("q_sample(Tensor x_start, Tensor t, Tensor table, Tensor? noise, Tensor? seed) -> (Tensor, Tensor)");
   m.def("reverse_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, bool clip_denoised, "
         "Tensor? noise, Tensor? seed) -> Tensor");
@@ -264,7 +258,7 @@ TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
         "bool clip_denoised) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+DDPM_FAST_CPU_KERNELS(m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cpu_op);
   m.impl("reverse_step", &ddpm_fast::step_cpu_op);
   m.impl("ddim_step", &ddpm_fast::step_cpu_op);
@@ -272,7 +266,7 @@ TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
 }
 
 #ifdef DDPM_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+DDPM_FAST_CUDA_KERNELS(m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cuda_op);
   m.impl("reverse_step", &ddpm_fast::step_cuda_op);
   m.impl("ddim_step", &ddpm_fast::step_cuda_op);

@@ -2,10 +2,10 @@
 // CUDA implementations (the kernels live in csrc/cpu/ and csrc/cuda/; the math in
 // csrc/include/ddpm_fast/group_norm_silu.h).
 #include <ddpm_fast/group_norm_silu.h>
+#include <ddpm_fast/op_registration.h>
 
 #include <ATen/ATen.h>
 #include <c10/core/DeviceGuard.h>
-#include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -140,10 +140,6 @@ Tensors group_norm_silu_backward_cpu(const at::Tensor& grad_y, const at::Tensor&
 }
 
 #ifdef DDPM_FAST_WITH_CUDA
-void* current_stream(const at::Tensor& x) {
-  return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getStream(x.device()).native_handle();
-}
-
 void check_launch(const char* op, int error) {
   TORCH_CHECK(error == 0, op, ": CUDA kernel launch failed (cudaError_t ", error, ")");
 }
@@ -156,7 +152,7 @@ Tensors group_norm_silu_cuda(const at::Tensor& x, const c10::optional<at::Tensor
   check_launch("group_norm_silu",
                gns_forward_cuda(p.x.const_data_ptr(), ptr_or_null(p.weight), ptr_or_null(p.bias), y.mutable_data_ptr(),
                                 mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), p.shape,
-                                static_cast<float>(eps), current_stream(p.x)));
+                                static_cast<float>(eps), cuda_stream(p.x.device())));
   return {y, mean, rstd};
 }
 
@@ -175,7 +171,7 @@ Tensors group_norm_silu_backward_cuda(const at::Tensor& grad_y, const at::Tensor
                                      ptr_or_null(p.bias), a.mean.const_data_ptr<float>(),
                                      a.rstd.const_data_ptr<float>(), grad_x.mutable_data_ptr(),
                                      grad_w.mutable_data_ptr<float>(), grad_b.mutable_data_ptr<float>(),
-                                     workspace.mutable_data_ptr<float>(), p.shape, current_stream(p.x)));
+                                     workspace.mutable_data_ptr<float>(), p.shape, cuda_stream(p.x.device())));
   return {grad_x, param_grad(weight, grad_w, x), param_grad(bias, grad_b, x)};
 }
 #endif
@@ -185,19 +181,19 @@ Tensors group_norm_silu_backward_cuda(const at::Tensor& grad_y, const at::Tensor
 
 using namespace ddpm_fast;
 
-TORCH_LIBRARY_FRAGMENT(ddpm_fast, m) {
+DDPM_FAST_LIBRARY(m) {
   m.def("group_norm_silu(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("group_norm_silu_backward(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
         "int num_groups) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(ddpm_fast, CPU, m) {
+DDPM_FAST_CPU_KERNELS(m) {
   m.impl("group_norm_silu", &group_norm_silu_cpu);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cpu);
 }
 
 #ifdef DDPM_FAST_WITH_CUDA
-TORCH_LIBRARY_IMPL(ddpm_fast, CUDA, m) {
+DDPM_FAST_CUDA_KERNELS(m) {
   m.impl("group_norm_silu", &group_norm_silu_cuda);
   m.impl("group_norm_silu_backward", &group_norm_silu_backward_cuda);
 }

@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "ddpm_fast/cuda_dtype.cuh"
+#include "ddpm_fast/cuda_launch.h"
 #include "ddpm_fast/diffusion_steps.h"
 #include "ddpm_fast/diffusion_steps_kernels.h"
 #include "ddpm_fast/philox.h"
@@ -181,11 +182,11 @@ template <typename T, bool kVec>
 void launch_step(const StepArgs& a, cudaStream_t stream) {
   const unsigned int grid = grid_for(a.numel);
   if (a.seed != nullptr) {
-    step_kernel<T, kVec, kDrawnNoise><<<grid, kThreads, 0, stream>>>(a);
+    launch(step_kernel<T, kVec, kDrawnNoise>, grid, kThreads, 0, stream, a);
   } else if (a.noise != nullptr) {
-    step_kernel<T, kVec, kGivenNoise><<<grid, kThreads, 0, stream>>>(a);
+    launch(step_kernel<T, kVec, kGivenNoise>, grid, kThreads, 0, stream, a);
   } else {
-    step_kernel<T, kVec, kNoNoise><<<grid, kThreads, 0, stream>>>(a);
+    launch(step_kernel<T, kVec, kNoNoise>, grid, kThreads, 0, stream, a);
   }
 }
 
@@ -207,10 +208,10 @@ void launch_dpm_solver_step(const StepArgs& a, cudaStream_t stream) {
   const bool vec = aligned(a.x_t, bytes) && aligned(a.model_output, bytes) && aligned(a.noise, bytes) &&
                    aligned(a.out, bytes) && aligned(a.x0_out, bytes);
   const bool x0_prev = a.noise != nullptr;
-  if (vec && x0_prev) step_kernel<T, true, kGivenNoise, true><<<grid, kThreads, 0, stream>>>(a);
-  if (vec && !x0_prev) step_kernel<T, true, kNoNoise, true><<<grid, kThreads, 0, stream>>>(a);
-  if (!vec && x0_prev) step_kernel<T, false, kGivenNoise, true><<<grid, kThreads, 0, stream>>>(a);
-  if (!vec && !x0_prev) step_kernel<T, false, kNoNoise, true><<<grid, kThreads, 0, stream>>>(a);
+  if (vec && x0_prev) launch(step_kernel<T, true, kGivenNoise, true>, grid, kThreads, 0, stream, a);
+  if (vec && !x0_prev) launch(step_kernel<T, true, kNoNoise, true>, grid, kThreads, 0, stream, a);
+  if (!vec && x0_prev) launch(step_kernel<T, false, kGivenNoise, true>, grid, kThreads, 0, stream, a);
+  if (!vec && !x0_prev) launch(step_kernel<T, false, kNoNoise, true>, grid, kThreads, 0, stream, a);
 }
 
 template <typename T>
@@ -220,10 +221,10 @@ void launch_q_sample(const QSampleArgs& a, cudaStream_t stream) {
   const bool vec = aligned(a.x_start, bytes) && aligned(a.noise, bytes) && aligned(a.out, bytes) &&
                    aligned(a.drawn_noise, bytes);
   const bool drawn = a.seed != nullptr;
-  if (vec && drawn) q_sample_kernel<T, true, true><<<grid, kThreads, 0, stream>>>(a);
-  if (vec && !drawn) q_sample_kernel<T, true, false><<<grid, kThreads, 0, stream>>>(a);
-  if (!vec && drawn) q_sample_kernel<T, false, true><<<grid, kThreads, 0, stream>>>(a);
-  if (!vec && !drawn) q_sample_kernel<T, false, false><<<grid, kThreads, 0, stream>>>(a);
+  if (vec && drawn) launch(q_sample_kernel<T, true, true>, grid, kThreads, 0, stream, a);
+  if (vec && !drawn) launch(q_sample_kernel<T, true, false>, grid, kThreads, 0, stream, a);
+  if (!vec && drawn) launch(q_sample_kernel<T, false, true>, grid, kThreads, 0, stream, a);
+  if (!vec && !drawn) launch(q_sample_kernel<T, false, false>, grid, kThreads, 0, stream, a);
 }
 
 }  // namespace

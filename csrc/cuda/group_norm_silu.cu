@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include <ddpm_fast/cuda_dtype.cuh>
+#include <ddpm_fast/cuda_launch.h>
 #include <ddpm_fast/group_norm_silu.h>
 
 namespace ddpm_fast {
@@ -267,8 +268,8 @@ template <typename T, bool CL, int ITEMS>
 void launch_onepass(const T* x, const float* w, const float* b, T* y, float* mean, float* rstd, const GnsShape& sh,
                     float eps, cudaStream_t stream) {
   const GroupIndex<CL> ix{sh.c, sh.s, sh.c / sh.groups};
-  forward_onepass<T, CL, ITEMS>
-      <<<static_cast<unsigned>(sh.n * sh.groups), kBlock, 0, stream>>>(x, w, b, y, mean, rstd, ix, sh.groups, eps);
+  launch(forward_onepass<T, CL, ITEMS>, static_cast<unsigned>(sh.n * sh.groups), kBlock, 0, stream, x, w, b, y, mean,
+         rstd, ix, sh.groups, eps);
 }
 
 template <typename T, bool CL>
@@ -283,11 +284,11 @@ void forward(const void* xv, const float* w, const float* b, void* yv, float* me
   if (d <= kBlock * 8) return launch_onepass<T, CL, 8>(x, w, b, y, mean, rstd, sh, eps, stream);
   if (d <= kBlock * kMaxItems) return launch_onepass<T, CL, kMaxItems>(x, w, b, y, mean, rstd, sh, eps, stream);
   const GroupIndex<CL> ix{sh.c, sh.s, sh.c / sh.groups};
-  forward_stats_chunked<T, CL><<<static_cast<unsigned>(sh.n * sh.groups), kBlock, 0, stream>>>(x, mean, rstd, ix,
-                                                                                                sh.groups, eps);
+  launch(forward_stats_chunked<T, CL>, static_cast<unsigned>(sh.n * sh.groups), kBlock, 0, stream, x, mean, rstd, ix,
+         sh.groups, eps);
   const int64_t total = sh.n * sh.c * sh.s;
-  forward_apply<T, CL><<<elementwise_blocks(total), kElementwiseBlock, 0, stream>>>(x, w, b, y, mean, rstd, sh.c, sh.s,
-                                                                                    sh.groups, total);
+  launch(forward_apply<T, CL>, elementwise_blocks(total), kElementwiseBlock, 0, stream, x, w, b, y, mean, rstd, sh.c,
+         sh.s, sh.groups, total);
 }
 
 template <typename T, bool CL>
@@ -302,13 +303,13 @@ void backward(const void* dyv, const void* xv, const float* w, const float* b, c
   float* c2 = c1 + sh.n * sh.groups;
   const dim3 grid = CL ? dim3(static_cast<unsigned>(sh.n), static_cast<unsigned>((sh.c + 31) / 32))
                        : dim3(static_cast<unsigned>(sh.n * sh.c));
-  backward_channel_sums<T, CL><<<grid, kBlock, 0, stream>>>(dy, x, w, b, mean, rstd, ds, db, sh.c, sh.s, sh.groups);
+  launch(backward_channel_sums<T, CL>, grid, kBlock, 0, stream, dy, x, w, b, mean, rstd, ds, db, sh.c, sh.s, sh.groups);
   const int64_t threads = sh.n * sh.groups > sh.c ? sh.n * sh.groups : sh.c;
-  backward_reduce<<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(w, ds, db, c1, c2, grad_w, grad_b,
-                                                                                    sh.n, sh.c, sh.s, sh.groups);
+  launch(backward_reduce, static_cast<unsigned>((threads + 255) / 256), 256, 0, stream, w, ds, db, c1, c2, grad_w,
+         grad_b, sh.n, sh.c, sh.s, sh.groups);
   const int64_t total = sh.n * sh.c * sh.s;
-  backward_dx<T, CL><<<elementwise_blocks(total), kElementwiseBlock, 0, stream>>>(dy, x, w, b, mean, rstd, c1, c2, dx,
-                                                                                  sh.c, sh.s, sh.groups, total);
+  launch(backward_dx<T, CL>, elementwise_blocks(total), kElementwiseBlock, 0, stream, dy, x, w, b, mean, rstd, c1, c2,
+         dx, sh.c, sh.s, sh.groups, total);
 }
 
 }  // namespace

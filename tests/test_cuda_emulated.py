@@ -97,7 +97,7 @@ def _step_table(prediction_type="epsilon", variance_type="posterior"):
 def _ddim_table(eta, prediction_type="epsilon", num_steps=50):
     """Rows k = 0 .. num_steps-1: the DDIM step from timestep k to k - 1 (k = 0: to x_0)."""
     abar = _quantities()["alphas_cumprod"]
-    steps = schedules.ddim_timesteps(T, num_steps)
+    steps = schedules.ddim_timesteps(T, num_steps).flip(0)  # ascending
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[steps[:-1]]])
     return schedules.ddim_step_rows(abar[steps], prev, eta, prediction_type).float()
 

@@ -1,6 +1,6 @@
 """diffusers schedulers and pipeline folders <-> GaussianDiffusion and UNet: the scheduler mapping key
 by key, loading a DDPMPipeline.save_pretrained folder, sampling it as diffusers does (DDPM, DDIM,
-DPM-Solver++), and exporting back.
+DPM-Solver++), exporting back, and the command line's --pipeline / export --diffusers.
 
 Every diffusers model here is built from a config with random weights; nothing is downloaded.
 """
@@ -13,6 +13,7 @@ import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: no hub look-ups at all
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,8 @@ from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,
 
 import ddpm_fast  # noqa: E402
 from ddpm_fast import GaussianDiffusion, SamplerDefaults, load_diffusers_pipeline, save_diffusers_pipeline  # noqa: E402
+from ddpm_fast import checkpoint as ckpt  # noqa: E402
+from ddpm_fast.cli import main  # noqa: E402
 from ddpm_fast.interop import diffusers as interop  # noqa: E402
 from ddpm_fast.nn import UNet  # noqa: E402
 from ddpm_fast.train import model_config_for  # noqa: E402
@@ -578,3 +581,103 @@ def test_learned_variance_unet_is_refused(tmp_path):
 def test_package_exports():
     assert ddpm_fast.load_diffusers_pipeline is interop.load_diffusers_pipeline
     assert ddpm_fast.save_diffusers_pipeline is interop.save_diffusers_pipeline
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def _fails(argv, capsys, *fragments):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ddpm-fast: error: ") and "Traceback" not in err and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def checkpoint_path(tmp_path_factory):
+    """A sampling checkpoint as `ddpm-fast export --out` writes it: the digits UNet, T = 20."""
+    torch.manual_seed(0)
+    model_config = model_config_for("digits", 1, 8)
+    model = randomize(UNet(**model_config), seed=11)
+    config = {"model": model_config, "diffusion": dict(num_timesteps=NUM_TRAIN_TIMESTEPS, schedule="linear",
+                                                       prediction_type="epsilon"), "train": {"data": "digits"}}
+    path = tmp_path_factory.mktemp("ckpt") / "model.pt"
+    ckpt.save({"config": config, "ema": model.state_dict(), "step": 0}, path)
+    return path
+
+
+def _samples(argv, path):
+    assert main([*argv, "--npz", str(path), "--out", str(path.with_suffix(".png")), "--device", "cpu"]) == 0
+    with np.load(path) as data:
+        return data["samples"]
+
+
+def test_export_then_sample_the_pipeline(checkpoint_path, tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    assert main(["export", "--ckpt", str(checkpoint_path), "--diffusers", str(folder)]) == 0
+    assert f"wrote the diffusers pipeline folder {folder}" in capsys.readouterr().out
+    theirs = DDPMPipeline.from_pretrained(folder)
+    assert theirs.scheduler.config.clip_sample and theirs.unet.config.in_channels == 1
+    # The export is exact: --pipeline samples what --ckpt samples, every sampler.
+    for sampler in ("ddpm", "ddim", "dpm++2m"):
+        common = ["sample", "--n", "3", "--batch-size", "2", "--sampler", sampler, "--steps", "4", "--seed", "1"]
+        from_ckpt = _samples([*common, "--ckpt", str(checkpoint_path)], tmp_path / f"ckpt-{sampler}.npz")
+        from_pipeline = _samples([*common, "--pipeline", str(folder)], tmp_path / f"pipe-{sampler}.npz")
+        assert from_ckpt.shape == (3, 1, 8, 8)
+        np.testing.assert_array_equal(from_pipeline, from_ckpt)
+    assert main(["export", "--ckpt", str(checkpoint_path), "--diffusers", str(folder), "--no-clip"]) == 0
+    assert not DDPMScheduler.from_pretrained(folder / "scheduler").config.clip_sample
+
+
+def test_clip_default_of_a_pipeline_is_its_clip_sample(pipeline_dir, tmp_path):
+    folder = _copy_pipeline(pipeline_dir, tmp_path / "pipe")
+    common = ["sample", "--pipeline", str(folder), "--n", "2", "--steps", "3", "--seed", "2"]
+    for clip_sample in (True, False):
+        _edit_json(folder / "scheduler" / "scheduler_config.json", clip_sample=clip_sample)
+        default = _samples(common, tmp_path / "default.npz")
+        same = _samples([*common, "--clip" if clip_sample else "--no-clip"], tmp_path / "same.npz")
+        other = _samples([*common, "--no-clip" if clip_sample else "--clip"], tmp_path / "other.npz")
+        np.testing.assert_array_equal(default, same)
+        assert not np.array_equal(default, other)
+
+
+def test_eval_bpd_of_a_pipeline_equals_its_checkpoint(checkpoint_path, tmp_path, capsys):
+    folder = tmp_path / "pipe"
+    assert main(["export", "--ckpt", str(checkpoint_path), "--diffusers", str(folder)]) == 0
+    capsys.readouterr()
+    args = ["eval-bpd", "--data", "digits", "--n", "3", "--batch-size", "2", "--device", "cpu"]
+    assert main([*args, "--ckpt", str(checkpoint_path)]) == 0
+    from_ckpt = capsys.readouterr().out
+    assert main([*args, "--pipeline", str(folder)]) == 0
+    from_pipeline = capsys.readouterr().out
+    assert "bits/dim" in from_ckpt and from_pipeline == from_ckpt
+
+
+def test_command_line_errors(checkpoint_path, pipeline_dir, tmp_path, capsys):
+    _fails(["sample", "--pipeline", str(tmp_path / "nowhere"), "--out", str(tmp_path / "g.png")], capsys,
+           "does not exist")
+    _fails(["sample", "--pipeline", str(pipeline_dir / "unet")], capsys, "holds no model_index.json")
+    _fails(["sample", "--pipeline", str(pipeline_dir), "--no-ema"], capsys, "--no-ema applies to checkpoints")
+    _fails(["eval-bpd", "--pipeline", str(pipeline_dir)], capsys, "eval-bpd --pipeline needs --data")
+    _fails(["export", "--ckpt", str(checkpoint_path), "--diffusers", str(tmp_path / "d"), "--half"], capsys,
+           "--half applies to --out")
+    _fails(["export", "--ckpt", str(checkpoint_path), "--out", str(tmp_path / "x.pt"), "--no-clip"], capsys,
+           "--clip/--no-clip apply to --diffusers")
+    state = torch.load(checkpoint_path, weights_only=True)
+    state["config"]["model"]["ch_mult"] = [2, 2]
+    state["ema"] = UNet(**state["config"]["model"]).state_dict()
+    torch.save(state, tmp_path / "wide.pt")
+    _fails(["export", "--ckpt", str(tmp_path / "wide.pt"), "--diffusers", str(tmp_path / "d")], capsys,
+           "cannot express this UNet")
+    _fails(["export", "--ckpt", str(tmp_path / "nope.pt"), "--diffusers", str(tmp_path / "d")], capsys,
+           "does not exist")
+    assert sorted(os.listdir(tmp_path)) == ["wide.pt"]  # no grid, no folder left behind
+    for argv in (["sample", "--ckpt", str(checkpoint_path), "--pipeline", str(pipeline_dir)],
+                 ["export", "--ckpt", str(checkpoint_path)],
+                 ["export", "--ckpt", str(checkpoint_path), "--out", "a.pt", "--diffusers", "d"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+    assert "not allowed with argument" in capsys.readouterr().err

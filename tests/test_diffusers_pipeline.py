@@ -167,9 +167,12 @@ MAPPINGS = [
     # Inert given the others: nothing changes.
     ("DDPMScheduler", {"dynamic_thresholding_ratio": 0.9, "sample_max_value": 3.0}, {}),
     ("DDPMScheduler", {"clip_sample": False, "clip_sample_range": 2.0}, dict(clip_denoised=False)),
-    ("DDPMScheduler", {"solver_order": 3, "use_karras_sigmas": True, "set_alpha_to_one": False},
-     dict(order=2, karras_sigmas=False)),  # other schedulers' keys: DDPMScheduler never reads them
-    ("DDIMScheduler", {"variance_type": "learned"}, dict(variance_type="posterior")),
+    # The keys of the other schedulers configure their samplers, as from_config to those would.
+    ("DDPMScheduler", {"solver_order": 1, "use_karras_sigmas": True, "set_alpha_to_one": True},
+     dict(order=1, karras_sigmas=True)),
+    ("DDIMScheduler", {"variance_type": "fixed_large", "final_sigmas_type": "sigma_min"},
+     dict(variance_type="beta", final_sigma="sigma_min")),
+    # ... except clip_sample for DPMSolverMultistepScheduler, which never clips: inert.
     ("DPMSolverMultistepScheduler", {"clip_sample": True, "clip_sample_range": 2.0}, dict(clip_denoised=False)),
     ("DPMSolverMultistepScheduler", {"euler_at_final": True}, dict(final_sigma="zero")),
     ("DPMSolverMultistepScheduler", {"flow_shift": 3.0, "time_shift_type": "exponential"}, {}),
@@ -189,6 +192,20 @@ def test_each_key_maps(name, config, expected):
     # The diffusers object of the same config (from_config keeps the keys its class does not take)
     # gives the same diffusion as the dict.
     assert same_diffusion(GaussianDiffusion.from_diffusers(SCHEDULERS[name].from_config(config)), ours)
+
+
+def test_other_schedulers_keys_act_as_from_config_to_their_scheduler():
+    # DPM-Solver++ settings in a DDPMScheduler config (as DDPMScheduler.from_config of a
+    # DPMSolverMultistepScheduler config holds them) are what DPMSolverMultistepScheduler.from_config
+    # of it brings back into effect.
+    dpm = DPMSolverMultistepScheduler(num_train_timesteps=100, use_karras_sigmas=True, solver_order=1,
+                                      final_sigmas_type="sigma_min", timestep_spacing="trailing")
+    ddpm = DDPMScheduler.from_config(dpm.config)
+    assert ddpm.config.use_karras_sigmas  # carried along, unread by DDPMScheduler
+    via_ddpm = GaussianDiffusion.from_diffusers(ddpm)
+    back = GaussianDiffusion.from_diffusers(DPMSolverMultistepScheduler.from_config(ddpm.config))
+    assert via_ddpm.sampler_defaults == dataclasses.replace(back.sampler_defaults, clip_denoised=True)
+    assert GaussianDiffusion.from_diffusers(dpm).sampler_defaults == back.sampler_defaults
 
 
 def test_inert_lambda_min_clipped_is_inert_in_diffusers_too():
@@ -215,6 +232,10 @@ def test_google_ddpm_scheduler_config():
     ("DDPMScheduler", {"variance_type": "fixed_medium"}, "variance_type"),
     ("DDPMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ("DDIMScheduler", {"set_alpha_to_one": False}, "set_alpha_to_one"),
+    ("DDPMScheduler", {"set_alpha_to_one": False}, "set_alpha_to_one"),  # what DDIMScheduler.from_config takes
+    ("DDIMScheduler", {"solver_order": 3}, "solver_order"),
+    ("DDIMScheduler", {"variance_type": "learned_range"}, "variance_type"),
+    ("DDPMScheduler", {"prediction_type": ["epsilon"]}, "prediction_type"),
     ("DDPMScheduler", {"clip_sample_range": 2.0}, "clip_sample_range"),
     ("DDIMScheduler", {"clip_sample_range": 0.5}, "clip_sample_range"),
     ("DDPMScheduler", {"beta_schedule": "sigmoid"}, "beta_schedule"),

@@ -558,9 +558,13 @@ SCHEDULER_DEFAULTS = {
     },
 }
 DEFAULT_SCHEDULER = "DDPMScheduler"  # the class of a config dict without _class_name
-# A key of one of these schedulers that the config's own class does not take is inert: diffusers'
-# from_config keeps the keys of the config it converts (DPMSolverMultistepScheduler.from_config of a
-# DDPMScheduler config holds clip_sample), and the class never reads them.
+# A config may hold keys of the other two schedulers too: diffusers' from_config keeps the keys of
+# the config it converts (DPMSolverMultistepScheduler.from_config of a DDPMScheduler config holds
+# clip_sample and variance_type), and converting again brings them back into effect. ddpm_fast
+# has one diffusion for all its samplers, so each key configures the sampler it belongs to
+# whatever the class (a DDPMScheduler config's use_karras_sigmas sets the DPM-Solver++ noise
+# levels, as DPMSolverMultistepScheduler.from_config of it would); keys the config leaves out take
+# the defaults of the class they belong to, the config's own class first.
 _SCHEDULER_KEYS = set().union(*SCHEDULER_DEFAULTS.values())
 
 PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}  # diffusers -> ddpm_fast
@@ -572,6 +576,11 @@ BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 # The noise-level families of DPMSolverMultistepScheduler other than the schedule's own and Karras'.
 _OTHER_SIGMAS = ("use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
                  "use_dynamic_shifting")
+
+
+def _one_of(value, choices):
+    """value in choices, for any value (a list from a json file is not hashable)."""
+    return isinstance(value, (str, type(None))) and value in choices
 
 
 def _betas_tensor(where, value):
@@ -590,7 +599,8 @@ def diffusion_config_from_diffusers(config, class_name=None):
 
     ``class_name``: the scheduler class (DDPMScheduler, DDIMScheduler or
     DPMSolverMultistepScheduler); by default the config's ``_class_name``, else DDPMScheduler.
-    Keys the config leaves out take that class's defaults, as in diffusers.
+    Keys the config leaves out take that class's defaults, as in diffusers (the keys of the other
+    two schedulers, theirs: see _SCHEDULER_KEYS).
 
     Mapping (diffusers -> ddpm_fast):
         num_train_timesteps, beta_start, beta_end, beta_schedule  -> the betas: "linear" ->
@@ -602,7 +612,8 @@ def diffusion_config_from_diffusers(config, class_name=None):
         variance_type            -> fixed_small, fixed_small_log, None -> "posterior" (beta tilde);
                                     fixed_large, fixed_large_log -> "beta"
         clip_sample              -> sampler_defaults.clip_denoised (clip_sample_range must be 1.0 when
-                                    clipping, inert otherwise); DPMSolverMultistepScheduler never clips
+                                    clipping, inert otherwise); a DPMSolverMultistepScheduler config
+                                    never clips (that class ignores the clip_sample from_config brings)
         timestep_spacing, steps_offset -> sampler_defaults.spacing, .steps_offset
         solver_order, lower_order_final, use_karras_sigmas, final_sigmas_type -> sampler_defaults.order,
                                     .lower_order_final, .karras_sigmas, .final_sigma
@@ -611,9 +622,7 @@ def diffusion_config_from_diffusers(config, class_name=None):
     final_sigmas_type "zero" (that last step is first order anyway), a lambda_min_clipped below
     every log-SNR of the schedule (it clips no timestep), solver_type "midpoint" and
     algorithm_type "dpmsolver++" (ddpm_fast's solver), set_alpha_to_one=True (ddpm_fast's DDIM
-    ends on x_0), and the keys of the other two schedulers that this class does not take
-    (diffusers' from_config carries them along; the class never reads them). Keys starting with
-    "_" are diffusers' bookkeeping.
+    ends on x_0). Keys starting with "_" are diffusers' bookkeeping.
     Everything else ddpm_fast cannot express raises DiffusersFormatError naming the key and its
     value: thresholding, learned variances, zero terminal SNR, set_alpha_to_one=False, other
     solvers, solver orders or noise levels, a clipping lambda_min_clipped, unknown keys, other
@@ -630,8 +639,10 @@ def diffusion_config_from_diffusers(config, class_name=None):
     if unknown:
         raise DiffusersFormatError(f"{where}: unknown key {unknown[0]!r} (value {config[unknown[0]]!r}); ddpm_fast "
                                    f"reads the keys of {', '.join(SCHEDULER_DEFAULTS)}")
-    own = SCHEDULER_DEFAULTS[class_name]
-    c = {**own, **{key: value for key, value in config.items() if key in own}}
+    defaults = {}
+    for name in reversed(SCHEDULER_DEFAULTS):  # DDPMScheduler's shared defaults last, then the class's own
+        defaults.update(SCHEDULER_DEFAULTS[name])
+    c = {**defaults, **SCHEDULER_DEFAULTS[class_name], **{k: v for k, v in config.items() if not k.startswith("_")}}
 
     def unsupported(key, why):
         return DiffusersFormatError(f"{where}: {key}={c[key]!r} is not supported ({why})")
@@ -650,32 +661,31 @@ def diffusion_config_from_diffusers(config, class_name=None):
         betas = schedules.make_betas(**schedule)
     except (TypeError, ValueError) as error:
         raise DiffusersFormatError(f"{where}: {error}") from None
-    if c["prediction_type"] not in PREDICTION_TYPES:
+    if not _one_of(c["prediction_type"], PREDICTION_TYPES):
         raise unsupported("prediction_type", f"ddpm_fast reads {', '.join(map(repr, PREDICTION_TYPES))}")
-    variance_type = c.get("variance_type")  # DDIMScheduler has none: it samples without a variance
-    if variance_type in ("learned", "learned_range"):
+    if _one_of(c["variance_type"], ("learned", "learned_range")):
         raise unsupported("variance_type", "a learned variance (the model predicts it too); ddpm_fast's reverse "
                                            "process has a fixed variance: fixed_small or fixed_large")
-    if variance_type not in VARIANCE_TYPES:
+    if not _one_of(c["variance_type"], VARIANCE_TYPES):
         raise unsupported("variance_type", f"ddpm_fast reads {', '.join(map(repr, VARIANCE_TYPES))}")
-    clip = False
-    if "clip_sample" in own:
-        clip = flag("clip_sample")
-        if clip and check_number(f"{where}: clip_sample_range", c["clip_sample_range"]) != 1.0:
-            raise unsupported("clip_sample_range", "ddpm_fast clamps the predicted x_0 to [-1, 1]: 1.0, or "
-                                                   "clip_sample=False")
-    if "set_alpha_to_one" in own and not flag("set_alpha_to_one"):
+    # DPMSolverMultistepScheduler never clips, and ddpm_fast's clipping applies to every sampler:
+    # there the clip_sample that from_config carries along stays inert.
+    clip = class_name != "DPMSolverMultistepScheduler" and flag("clip_sample")
+    if clip and check_number(f"{where}: clip_sample_range", c["clip_sample_range"]) != 1.0:
+        raise unsupported("clip_sample_range", "ddpm_fast clamps the predicted x_0 to [-1, 1]: 1.0, or "
+                                               "clip_sample=False")
+    if not flag("set_alpha_to_one"):
         raise unsupported("set_alpha_to_one", "ddpm_fast's DDIM ends on x_0 itself, as with True")
-    if c["timestep_spacing"] not in schedules.SPACINGS:
+    if not _one_of(c["timestep_spacing"], schedules.SPACINGS):
         raise unsupported("timestep_spacing", f"ddpm_fast reads {', '.join(map(repr, schedules.SPACINGS))}")
-    solver = _solver_from_diffusers(c, where, unsupported, flag, betas) if "solver_order" in own else {}
     return dict(
         **schedule,
         prediction_type=PREDICTION_TYPES[c["prediction_type"]],
-        variance_type=VARIANCE_TYPES[variance_type],
+        variance_type=VARIANCE_TYPES[c["variance_type"]],
         sampler_defaults=SamplerDefaults(
             clip_denoised=clip, spacing=c["timestep_spacing"],
-            steps_offset=check_int(f"{where}: steps_offset", c["steps_offset"], minimum=0), **solver),
+            steps_offset=check_int(f"{where}: steps_offset", c["steps_offset"], minimum=0),
+            **_solver_from_diffusers(c, where, unsupported, flag, betas)),
     )
 
 
@@ -713,7 +723,7 @@ def _solver_from_diffusers(c, where, unsupported, flag, betas):
             raise unsupported(key, "ddpm_fast's DPM-Solver++ runs on the schedule's noise levels or on Karras "
                                    "et al.'s (use_karras_sigmas)")
     karras = flag("use_karras_sigmas")
-    if c["final_sigmas_type"] not in schedules.FINAL_SIGMAS:
+    if not _one_of(c["final_sigmas_type"], schedules.FINAL_SIGMAS):
         raise unsupported("final_sigmas_type", f"ddpm_fast reads {', '.join(map(repr, schedules.FINAL_SIGMAS))}")
     if flag("euler_at_final") and c["final_sigmas_type"] != "zero":
         raise unsupported("euler_at_final", "ddpm_fast's last step is first order when it ends on sigma = 0 "
@@ -812,7 +822,7 @@ def scheduler_config_to_diffusers(diffusion):
     betas = diffusion._float64["betas"]  # the exact float64 schedule (the public tables are float32)
     num_timesteps = diffusion.num_timesteps
     start, end = betas[0].item(), betas[-1].item()
-    if torch.equal(schedules.linear_betas(num_timesteps, start, end), betas):
+    if start < end and torch.equal(schedules.linear_betas(num_timesteps, start, end), betas):
         schedule = {"beta_schedule": "linear", "beta_start": start, "beta_end": end, "trained_betas": None}
     elif torch.equal(schedules.cosine_betas(num_timesteps), betas):
         schedule = {"beta_schedule": "squaredcos_cap_v2", "beta_start": 0.0001, "beta_end": 0.02,

@@ -599,8 +599,9 @@ def diffusion_config_from_diffusers(config, class_name=None):
 
     ``class_name``: the scheduler class (DDPMScheduler, DDIMScheduler or
     DPMSolverMultistepScheduler); by default the config's ``_class_name``, else DDPMScheduler.
-    Keys the config leaves out take that class's defaults, as in diffusers (the keys of the other
-    two schedulers, theirs: see _SCHEDULER_KEYS).
+    Keys the config leaves out take that class's defaults, as in diffusers; the keys of the other
+    two schedulers configure those schedulers' samplers and default to theirs (see the comment
+    above _SCHEDULER_KEYS).
 
     Mapping (diffusers -> ddpm_fast):
         num_train_timesteps, beta_start, beta_end, beta_schedule  -> the betas: "linear" ->

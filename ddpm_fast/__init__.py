@@ -8,3 +8,4 @@ __version__ = "0.1.0"
 
 from . import _ext, backends  # noqa: E402,F401  (loads the extension, warns once if unusable)
 from .diffusion import GaussianDiffusion, SamplerDefaults  # noqa: E402,F401
+from .interop.diffusers import load_diffusers_pipeline, save_diffusers_pipeline  # noqa: E402,F401

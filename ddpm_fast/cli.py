@@ -1,5 +1,9 @@
 """The ``ddpm-fast`` command: train, sample, eval-bpd, export, info.
 
+``sample`` and ``eval-bpd`` read a checkpoint (``--ckpt``) or a diffusers pipeline folder
+(``--pipeline``); ``export`` writes a sampling checkpoint (``--out``) or a pipeline folder
+(``--diffusers``).
+
 Every user error (bad option value, missing data, unreadable checkpoint, diverged training)
 ends with one ``ddpm-fast: error: ...`` line and a non-zero exit code, never a traceback.
 """
@@ -61,6 +65,10 @@ def _int_list(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 1,2,2, got {text!r}") from None
 
 
+PIPELINE_HELP = ("a diffusers DDPMPipeline folder (model_index.json, unet/, scheduler/), as written by "
+                 "DDPMPipeline.save_pretrained or `ddpm-fast export --diffusers`")
+
+
 def build_parser():
     from .nn.unet import UNet
     from .train import DEFAULTS, SAMPLERS
@@ -110,7 +118,9 @@ def build_parser():
 
     sample = commands.add_parser("sample", help="draw a grid of samples (default: the shipped digits model)",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    sample.add_argument("--ckpt", help="checkpoint (default: the digits model shipped with ddpm_fast)")
+    source = sample.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", help="checkpoint (default: the digits model shipped with ddpm_fast)")
+    source.add_argument("--pipeline", metavar="DIR", help=PIPELINE_HELP)
     # --num-samples spells --n out: torchrun takes a bare --n for one of its own options.
     sample.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=64, help="number of samples")
     sample.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
@@ -118,35 +128,49 @@ def build_parser():
     sample.add_argument("--steps", type=_positive_int, default=DEFAULTS["sample_steps"],
                         help="steps of ddim and dpm++2m")
     sample.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
-    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
-                        help="clamp the predicted x_0 to [-1, 1] at every step")
+    # No default here: it depends on the source (see _run_sample); SUPPRESS leaves it out of args.
+    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                        help="clamp the predicted x_0 to [-1, 1] at every step (default: on for --ckpt; for "
+                             "--pipeline the scheduler's clip_sample)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the samples")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write")
     sample.add_argument("--npz", help="also save the raw samples to this .npz file")
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per forward pass")
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
-                        help="use the EMA weights")
+                        help="use the EMA weights (checkpoints only)")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     sample.add_argument("--progress", action="store_true", help="show a progress bar per batch")
 
     bpd = commands.add_parser("eval-bpd", help="variational bound in bits/dim on held-out data",
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    bpd.add_argument("--ckpt", help="checkpoint (default: the shipped digits model)")
-    bpd.add_argument("--data", help="data as for train (default: the checkpoint's training data)")
+    source = bpd.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", help="checkpoint (default: the shipped digits model)")
+    source.add_argument("--pipeline", metavar="DIR", help=PIPELINE_HELP)
+    bpd.add_argument("--data", help="data as for train (default: the checkpoint's training data; required with "
+                                    "--pipeline)")
     bpd.add_argument("--split", choices=["test", "train"], default="test",
                      help="held-out (test) or training images")
     bpd.add_argument("--n", "--num-images", dest="n", type=_positive_int,
                      help="evaluate only the first N images (default: all)")
     bpd.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch")
-    bpd.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True, help="use the EMA weights")
+    bpd.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                     help="use the EMA weights (checkpoints only)")
     bpd.add_argument("--seed", type=int, default=0, help="seed of the noise")
     bpd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     bpd.add_argument("--progress", action="store_true", help="show a progress bar per batch")
 
-    export = commands.add_parser("export", help="write a small sampling-only checkpoint (config + EMA weights)")
+    export = commands.add_parser("export", help="write a small sampling-only checkpoint (config + EMA weights) "
+                                                "or a diffusers pipeline folder")
     export.add_argument("--ckpt", required=True, help="training checkpoint")
-    export.add_argument("--out", required=True, help="file to write")
-    export.add_argument("--half", action="store_true", help="store the weights in float16 (half the size)")
+    target = export.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", help="sampling checkpoint file to write")
+    target.add_argument("--diffusers", metavar="DIR",
+                        help="write a diffusers DDPMPipeline folder (EMA weights; model_index.json, unet/, "
+                             "scheduler/) that diffusers.DDPMPipeline.from_pretrained(DIR) loads")
+    export.add_argument("--half", action="store_true", help="--out: store the weights in float16 (half the size)")
+    export.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                        help="--diffusers: the scheduler's clip_sample, whether diffusers' samplers clamp the "
+                             "predicted x_0 to [-1, 1] (default: on, as ddpm-fast sample does)")
 
     commands.add_parser("info", help="versions, device and available backends")
     return parser
@@ -161,17 +185,33 @@ def _run_train(args):
         print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); checkpoint: {result['checkpoint']}")
 
 
-def _run_sample(args):
+def _load_model(args, device):
+    """(model, diffusion, checkpoint state or None) from --pipeline or --ckpt (default: the shipped model)."""
     from . import checkpoint
+    from .train import ConfigError, load_for_sampling
+
+    if args.pipeline:
+        from .interop.diffusers import load_diffusers_pipeline
+
+        if not args.ema:
+            raise ConfigError("--no-ema applies to checkpoints; a pipeline folder holds one set of weights")
+        model, diffusion = load_diffusers_pipeline(args.pipeline)
+        return model.to(device), diffusion, None
+    return load_for_sampling(args.ckpt or checkpoint.shipped_path(), device, use_ema=args.ema)
+
+
+def _run_sample(args):
     from .images import save_grid, save_npz
-    from .train import Dist, generate, load_for_sampling
+    from .train import Dist, generate
 
     world = Dist(args.device)
     try:
-        path = args.ckpt or checkpoint.shipped_path()
-        model, diffusion, _ = load_for_sampling(path, world.device, use_ema=args.ema)
+        model, diffusion, _ = _load_model(args, world.device)
+        # --clip's default: on for checkpoints (better samples), the scheduler's clip_sample for a
+        # pipeline (what diffusers' own samplers would do with it).
+        clip = getattr(args, "clip", diffusion.sampler_defaults.clip_denoised if args.pipeline else True)
         samples = generate(model, diffusion, args.n, batch_size=args.batch_size, sampler=args.sampler,
-                           steps=args.steps, eta=args.eta, seed=args.seed, clip=args.clip, dist_info=world,
+                           steps=args.steps, eta=args.eta, seed=args.seed, clip=clip, dist_info=world,
                            progress=args.progress and world.main)
         if world.main:
             save_grid(samples, args.out)
@@ -183,15 +223,15 @@ def _run_sample(args):
 
 
 def _run_eval_bpd(args):
-    from . import checkpoint
     from .data import load_dataset
-    from .train import Dist, eval_bpd, load_for_sampling
+    from .train import ConfigError, Dist, eval_bpd
 
+    if args.pipeline and not args.data:
+        raise ConfigError("eval-bpd --pipeline needs --data: a pipeline folder does not record its training data")
     world = Dist(args.device)
     try:
-        path = args.ckpt or checkpoint.shipped_path()
-        model, diffusion, state = load_for_sampling(path, world.device, use_ema=args.ema)
-        trained_on = state["config"].get("train", {}).get("data", "digits")
+        model, diffusion, state = _load_model(args, world.device)
+        trained_on = None if state is None else state["config"].get("train", {}).get("data", "digits")
         config = model.config
         images = load_dataset(args.data or trained_on, args.split, image_size=config["image_size"],
                               channels=config["in_channels"])
@@ -208,8 +248,16 @@ def _run_eval_bpd(args):
 
 
 def _run_export(args):
-    from .train import export_ema
+    from .train import ConfigError, export_diffusers, export_ema
 
+    if args.diffusers:
+        if args.half:
+            raise ConfigError("--half applies to --out; a diffusers folder keeps the float32 weights")
+        export_diffusers(args.ckpt, args.diffusers, clip=getattr(args, "clip", True))
+        print(f"wrote the diffusers pipeline folder {args.diffusers}")
+        return
+    if hasattr(args, "clip"):
+        raise ConfigError("--clip/--no-clip apply to --diffusers (the exported scheduler's clip_sample)")
     export_ema(args.ckpt, args.out, half=args.half)
     print(f"wrote {args.out}")
 
@@ -229,12 +277,14 @@ def main(argv=None):
     from .backends import BackendUnavailableError
     from .checkpoint import CheckpointError
     from .data import DataError
+    from .interop.diffusers import DiffusersFormatError
     from .train import ConfigError, TrainingDiverged
 
     run = {"train": _run_train, "sample": _run_sample, "eval-bpd": _run_eval_bpd, "export": _run_export}
     try:
         run[args.command](args)
-    except (DataError, CheckpointError, ConfigError, TrainingDiverged, BackendUnavailableError) as error:
+    except (DataError, CheckpointError, ConfigError, TrainingDiverged, BackendUnavailableError,
+            DiffusersFormatError) as error:
         rank = os.environ.get("RANK")
         prefix = f"ddpm-fast: error (rank {rank}): " if rank not in (None, "0") else "ddpm-fast: error: "
         print(prefix + str(error), file=sys.stderr)

@@ -11,6 +11,7 @@ batch, and only rank 0 writes checkpoints and grids. Sampling splits the batches
 and gathers them.
 """
 
+import dataclasses
 import math
 import os
 import time
@@ -390,8 +391,14 @@ def _train(options, state, resumed_from, world, progress):
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def eval_bpd(model, diffusion, images, *, batch_size=64, seed=0, dist_info=None, progress=False):
-    """Per-image VLB in bits/dim of ``images`` ([N, C, H, W] in [-1, 1]), sharded over ranks."""
+def eval_bpd(model, diffusion, images, *, batch_size=64, seed=0, clip_denoised=False, dist_info=None,
+             progress=False):
+    """Per-image VLB in bits/dim of ``images`` ([N, C, H, W] in [-1, 1]), sharded over ranks.
+
+    clip_denoised: clamp the predicted x_0 in the model's means. Off by default whatever the
+    diffusion's sampler defaults say (a pipeline's clip_sample), so a checkpoint and its diffusers
+    export give the same bound.
+    """
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     device = next(model.parameters()).device
     totals = torch.zeros(len(images), device=device)
@@ -400,11 +407,24 @@ def eval_bpd(model, diffusion, images, *, batch_size=64, seed=0, dist_info=None,
             continue
         generator = torch.Generator(device).manual_seed(mix_seed(seed, b))
         x = images[start:start + batch_size].to(device)
-        terms = diffusion.calc_bpd_loop(model, x, generator=generator, progress=progress)
+        terms = diffusion.calc_bpd_loop(model, x, clip_denoised, generator=generator, progress=progress)
         totals[start:start + len(x)] = terms["total_bpd"].float()
     if world > 1:
         dist.all_reduce(totals)  # each image was filled in by exactly one rank
     return totals.cpu()
+
+
+def export_diffusers(source, folder, clip=True):
+    """Writes a diffusers DDPMPipeline folder (EMA weights) from a checkpoint; returns the folder.
+
+    clip: the scheduler's clip_sample, so that diffusers' samplers clamp the predicted x_0 as
+    ``ddpm-fast sample`` does by default.
+    """
+    from .interop.diffusers import save_diffusers_pipeline
+
+    model, diffusion, _ = load_for_sampling(source, torch.device("cpu"))
+    diffusion.sampler_defaults = dataclasses.replace(diffusion.sampler_defaults, clip_denoised=clip)
+    return save_diffusers_pipeline(model, diffusion, folder)
 
 
 def export_ema(source, destination, half=False):
@@ -416,5 +436,5 @@ def export_ema(source, destination, half=False):
     ckpt.save({"config": state["config"], "ema": weights, "step": state.get("step", 0)}, destination)
 
 
-__all__ = ["train", "generate", "eval_bpd", "export_ema", "load_for_sampling", "ConfigError", "TrainingDiverged",
-           "DataError"]
+__all__ = ["train", "generate", "eval_bpd", "export_ema", "export_diffusers", "load_for_sampling", "ConfigError",
+           "TrainingDiverged", "DataError"]

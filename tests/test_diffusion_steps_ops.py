@@ -530,7 +530,7 @@ def test_dpm_solver_step_bad_input(backend, device):
         step(x[:0], m[:0], None, index[:0], table)
     with pytest.raises(ValueError, match=r"table must be a float32 tensor of shape \[T, 5\]"):
         step(x, m, x0_prev, index, table[:, :2])
-    with pytest.raises(ValueError, match=r"table must be a float32 tensor of shape \[T, 5\]"):
+    with pytest.raises(TypeError, match=r"table must be a float32 tensor of shape \[T, 5\]"):
         step(x, m, x0_prev, index, table.double())
     with pytest.raises(TypeError, match="clip_denoised must be True or False"):
         step(x, m, x0_prev, index, table, clip=1)

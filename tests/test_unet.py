@@ -175,7 +175,7 @@ def test_block_out_channels_is_ch_times_ch_mult():
     (dict(block_out_channels=[32, 0]), ValueError, r"block_out_channels\[1\] must be an int >= 1, got 0"),
     (dict(ch_mult=[1, 2.0]), TypeError, r"ch_mult\[1\] must be an int"),
     (dict(attn_resolutions=16), TypeError, "attn_resolutions must be a list"),
-    (dict(norm_eps=0.0), ValueError, "norm_eps must be a finite number in \\(0.0"),
+    (dict(norm_eps=0.0), ValueError, "norm_eps must be a finite number > 0, got 0"),
     (dict(norm_eps="1e-6"), TypeError, "norm_eps must be a number"),
     (dict(attention_head_dim=12), ValueError, r"attention_head_dim must divide .* \[64\], got 12"),
     (dict(attention_head_dim=0), ValueError, "attention_head_dim must be an int >= 1"),
@@ -185,7 +185,7 @@ def test_block_out_channels_is_ch_times_ch_mult():
     (dict(downsample_padding=2), ValueError, r"downsample_padding must be an int in \[0, 1\], got 2"),
     (dict(mid_attention="yes"), TypeError, "mid_attention must be True or False"),
     (dict(num_res_blocks=0), ValueError, "num_res_blocks must be an int >= 1"),
-    (dict(dropout=1.0), ValueError, "dropout must be a finite number in \\[0.0, 1.0\\)"),
+    (dict(dropout=1.0), ValueError, "dropout must be a finite number in \\[0, 1\\), got 1"),
 ])
 def test_bad_extended_arguments(overrides, error, match):
     widths = {"ch": None, "ch_mult": None} if "block_out_channels" in overrides else {}

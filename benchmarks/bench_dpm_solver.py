@@ -53,7 +53,8 @@ def _step_params():
 def test_dpm_solver_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
     nbytes = 5 * torch.Size(shape).numel() * dtype.itemsize
     generator = torch.Generator(DEVICE).manual_seed(0)
-    sets = [tuple(make_tensor(shape, dtype, layout, generator) for _ in range(3)) for _ in range(rotation_count(nbytes))]
+    sets = [tuple(make_tensor(shape, dtype, layout, generator) for _ in range(3))
+            for _ in range(rotation_count(nbytes))]
     next_set = cycle(sets)
     scheduler = _scheduler()
     timestep = scheduler.timesteps[MID_LOOP]

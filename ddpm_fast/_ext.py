@@ -1,7 +1,8 @@
 """Loads the compiled extension ``ddpm_fast._C`` when it fits this torch and this CPU.
 
 When it does not (missing, built against another torch or from an older source without all
-of ``OPS``, a CPU without the instructions it was compiled for, or ``DDPM_FAST_NO_EXTENSION=1``), ``import ddpm_fast`` still works: this
+of ``OPS``, a CPU without the instructions it was compiled for, or ``DDPM_FAST_NO_EXTENSION=1``),
+``import ddpm_fast`` still works: this
 module warns once and the backend choice falls back to Triton or plain PyTorch.
 """
 

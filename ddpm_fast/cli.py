@@ -93,7 +93,8 @@ def build_parser():
     train.add_argument("--lr", type=_positive_float, help="peak AdamW learning rate (default 2e-4)")
     train.add_argument("--warmup", type=_non_negative_int, help="linear learning-rate warm-up steps (default 500)")
     train.add_argument("--weight-decay", type=_non_negative_float, help="AdamW weight decay (default 0)")
-    train.add_argument("--grad-clip", type=_non_negative_float, help="clip the gradient norm to this (0 = off, default 1)")
+    train.add_argument("--grad-clip", type=_non_negative_float,
+                       help="clip the gradient norm to this (0 = off, default 1)")
     train.add_argument("--timesteps", type=_positive_int, help="diffusion steps T (default 1000)")
     train.add_argument("--schedule", choices=["linear", "cosine"], help="beta schedule (default linear)")
     train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"], help="model target (default epsilon)")
@@ -127,7 +128,8 @@ def build_parser():
                         help="ddpm: all T ancestral steps; ddim, dpm++2m (DPM-Solver++ 2M): --steps steps")
     sample.add_argument("--steps", type=_positive_int, default=DEFAULTS["sample_steps"],
                         help="steps of ddim and dpm++2m")
-    sample.add_argument("--eta", type=_non_negative_float, default=0.0, help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
+    sample.add_argument("--eta", type=_non_negative_float, default=0.0,
+                        help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
     # No default here: it depends on the source (see _run_sample); SUPPRESS leaves it out of args.
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                         help="clamp the predicted x_0 to [-1, 1] at every step (default: on for --ckpt; for "

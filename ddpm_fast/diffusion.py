@@ -28,7 +28,7 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .ops import diffusion_steps as step_ops
 from .ops._common import draw_seed
 from .validation import (check_batched, check_bool, check_choice, check_float, check_int, check_like, check_number,
-                         check_shape, check_tensor, check_timesteps, describe)
+                         check_shape, check_timesteps, describe)
 
 LOSS_TYPES = ("mse", "l1", "vlb")
 

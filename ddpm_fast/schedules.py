@@ -131,7 +131,8 @@ def reverse_step_table(quantities, prediction_type, variance_type):
 
 def ddim_sigma(alphas_cumprod_t, alphas_cumprod_prev, eta):
     """Song et al. 2021, eq. 16: eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))."""
-    return eta * ((1 - alphas_cumprod_prev) / (1 - alphas_cumprod_t) * (1 - alphas_cumprod_t / alphas_cumprod_prev)).sqrt()
+    ratio = (1 - alphas_cumprod_prev) / (1 - alphas_cumprod_t) * (1 - alphas_cumprod_t / alphas_cumprod_prev)
+    return eta * ratio.sqrt()
 
 
 def ddim_step_rows(alphas_cumprod_t, alphas_cumprod_prev, eta, prediction_type):

@@ -14,7 +14,6 @@ and gathers them.
 import dataclasses
 import math
 import os
-import time
 
 import torch
 import torch.distributed as dist

@@ -130,7 +130,8 @@ def check_shape(name, shape):
     if isinstance(shape, torch.Size):
         shape = tuple(shape)
     if not isinstance(shape, (tuple, list)) or not shape:
-        raise TypeError(f"{name} must be a non-empty tuple of positive ints like (16, 3, 32, 32), got {describe(shape)}")
+        raise TypeError(f"{name} must be a non-empty tuple of positive ints like (16, 3, 32, 32), "
+                        f"got {describe(shape)}")
     for size in shape:
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"{name} must contain positive ints only, got {tuple(shape)}")

@@ -30,3 +30,17 @@ def backend_params(include_torch=True):
         marks = [pytest.mark.skip(reason=f"{name} backend unavailable: {why}")] if why else []
         params.append(pytest.param(name, device, id=name, marks=marks))
     return params
+
+
+def randomize_weights(model, seed=0):
+    """Random weights everywhere (norm scales around 1), so no parameter is trivially 0 or 1."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+    return model

@@ -16,6 +16,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: no hub look-
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_weights
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler,  # noqa: E402
@@ -43,20 +44,6 @@ SHAPE = (2, 3, 8, 8)
 GOOGLE_DDPM_SCHEDULER = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02,
                          "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True,
                          "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_small"}
-
-
-def randomize(model, seed=0):
-    """Random weights everywhere (norm scales around 1), so no parameter is trivially 0 or 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
 
 
 def relative_error(actual, expected):
@@ -90,7 +77,7 @@ def one_thread():
 def pipeline_dir(tmp_path_factory):
     """A folder written by diffusers' DDPMPipeline.save_pretrained: random UNet, DDPMScheduler(T = 20)."""
     folder = tmp_path_factory.mktemp("pipeline")
-    unet = randomize(UNet2DModel(**UNET_CONFIG)).eval()
+    unet = randomize_weights(UNet2DModel(**UNET_CONFIG)).eval()
     DDPMPipeline(unet, DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)).save_pretrained(folder)
     return folder
 
@@ -461,7 +448,7 @@ EXPORTS = {
 
 @pytest.fixture(scope="module")
 def our_unet():
-    return randomize(UNet(**interop.unet_config_from_diffusers(UNET_CONFIG)), seed=7).eval()
+    return randomize_weights(UNet(**interop.unet_config_from_diffusers(UNET_CONFIG)), seed=7).eval()
 
 
 @pytest.mark.parametrize("name", EXPORTS)
@@ -621,7 +608,7 @@ def checkpoint_path(tmp_path_factory):
     """A sampling checkpoint as `ddpm-fast export --out` writes it: the digits UNet, T = 20."""
     torch.manual_seed(0)
     model_config = model_config_for("digits", 1, 8)
-    model = randomize(UNet(**model_config), seed=11)
+    model = randomize_weights(UNet(**model_config), seed=11)
     config = {"model": model_config, "diffusion": dict(num_timesteps=NUM_TRAIN_TIMESTEPS, schedule="linear",
                                                        prediction_type="epsilon"), "train": {"data": "digits"}}
     path = tmp_path_factory.mktemp("ckpt") / "model.pt"

@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before diffusers is imported: no hub look-
 
 import pytest
 import torch
+from conftest import randomize_weights
 
 pytest.importorskip("diffusers")
 from diffusers import UNet2DModel  # noqa: E402
@@ -61,20 +62,6 @@ BATCH = {"cifar10": 1, "small": 2, "odd": 2}  # the 35.7M-parameter network runs
 TOLERANCE = 1e-4  # max |ours - diffusers| / max |diffusers|, float32
 
 
-def randomize(model, seed=0):
-    """Random weights everywhere (norm scales around 1), so no parameter is trivially 0 or 1."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() > 1:
-                p.copy_(torch.randn(p.shape, generator=gen) / p[0].numel() ** 0.5)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=gen))
-            else:
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-    return model
-
-
 def inputs(in_channels, size, batch, seed=1):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, in_channels, size, size, generator=gen)
@@ -101,7 +88,7 @@ def reference():
 
     def get(name):
         if name not in cache:
-            model = randomize(UNet2DModel(**CONFIGS[name])).eval()
+            model = randomize_weights(UNet2DModel(**CONFIGS[name])).eval()
             x, t = inputs(model.config.in_channels, model.config.sample_size, BATCH[name])
             cache[name] = (model, x, t, diffusers_output(model, x, t))
         return cache[name]
@@ -245,7 +232,7 @@ EXPORT_CONFIGS = {
 
 @pytest.mark.parametrize("name", EXPORT_CONFIGS)
 def test_export_round_trip_and_diffusers_loads_it(name, tmp_path):
-    ours = randomize(UNet(**EXPORT_CONFIGS[name])).eval()
+    ours = randomize_weights(UNet(**EXPORT_CONFIGS[name])).eval()
     assert interop.save_unet(ours, tmp_path) == str(tmp_path)
     assert json.loads((tmp_path / interop.CONFIG_NAME).read_text())["_class_name"] == "UNet2DModel"
     # Our loader gives back the same tensors and the same outputs.
@@ -264,14 +251,14 @@ def test_export_round_trip_and_diffusers_loads_it(name, tmp_path):
 
 
 def test_state_dict_conversion_is_lossless_both_ways():
-    ours = randomize(UNet(**EXPORT_CONFIGS["extended"]))
+    ours = randomize_weights(UNet(**EXPORT_CONFIGS["extended"]))
     converted = interop.unet_state_dict_to_diffusers(ours.state_dict())
     assert any(key.endswith(".to_k.weight") for key in converted)
     assert state_dicts_identical(interop.unet_state_dict_from_diffusers(converted), ours.state_dict())
 
 
 def test_channels_last_model_exports(tmp_path):
-    ours = randomize(UNet(**EXPORT_CONFIGS["tiny"])).to(memory_format=torch.channels_last)
+    ours = randomize_weights(UNet(**EXPORT_CONFIGS["tiny"])).to(memory_format=torch.channels_last)
     interop.save_unet(ours, tmp_path)
     assert state_dicts_identical(UNet.from_diffusers(tmp_path).state_dict(),
                                  {k: v.contiguous() for k, v in ours.state_dict().items()})

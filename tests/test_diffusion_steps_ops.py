@@ -318,7 +318,8 @@ def _dpm_table(device, prediction_type="epsilon", seed=0):
     timesteps = torch.linspace(T - 1, 0, DPM_STEPS).round().long()
     x0_from_x, x0_from_model = schedules.x0_coefficients(q["alphas_cumprod"][timesteps], prediction_type)
     g = torch.Generator().manual_seed(seed)
-    rest = torch.rand(DPM_STEPS, 3, generator=g, dtype=torch.float64) * torch.tensor([1.5, 1.0, -0.5], dtype=torch.float64)
+    scale = torch.tensor([1.5, 1.0, -0.5], dtype=torch.float64)
+    rest = torch.rand(DPM_STEPS, 3, generator=g, dtype=torch.float64) * scale
     return torch.cat([torch.stack([x0_from_x, x0_from_model], dim=1), rest], dim=1).float().to(device)
 
 

@@ -7,7 +7,6 @@ import tempfile
 
 import numpy as np
 import pytest
-import torch
 import torch.distributed as dist
 
 from ddpm_fast import checkpoint as ckpt

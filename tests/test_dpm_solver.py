@@ -55,7 +55,8 @@ PREDICTIONS = {"epsilon": "epsilon", "x0": "sample", "v": "v_prediction"}
 OPTIONS = {  # ours -> diffusers' scheduler configuration
     "default": ({}, {}),
     "leading": ({"spacing": "leading"}, {"timestep_spacing": "leading"}),
-    "leading, offset 1": ({"spacing": "leading", "steps_offset": 1}, {"timestep_spacing": "leading", "steps_offset": 1}),
+    "leading, offset 1": ({"spacing": "leading", "steps_offset": 1},
+                          {"timestep_spacing": "leading", "steps_offset": 1}),
     "trailing": ({"spacing": "trailing"}, {"timestep_spacing": "trailing"}),
     "karras": ({"karras_sigmas": True}, {"use_karras_sigmas": True}),
     "order 1": ({"order": 1}, {"solver_order": 1}),

@@ -547,7 +547,8 @@ def test_elementwise_accesses_are_128_bit_vectors(compiled, arch):
             continue
         checked.add(key)
         if not result["error"]:
-            problems += [f"{result['kernel']} ({launch['description']}): {p}" for p in vector_violations(result, launch)]
+            problems += [f"{result['kernel']} ({launch['description']}): {p}"
+                         for p in vector_violations(result, launch)]
     assert {results[key]["params"][0]["type"] for key in checked} == {"*fp32", "*fp16", "*bf16"}, \
         "not every dtype has an elementwise launch on aligned input"
     assert not problems, f"global accesses that are not 128-bit vectors on sm_{arch}:\n" + "\n".join(problems)

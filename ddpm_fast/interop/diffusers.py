@@ -421,14 +421,20 @@ def _read_weights(folder):
     raise DiffusersFormatError(f"{folder!r} holds no weights: expected {WEIGHTS_NAME} or {BIN_WEIGHTS_NAME}")
 
 
-def read_unet_folder(folder):
-    """(config dict, state_dict in diffusers' names) of a ``UNet2DModel.save_pretrained`` folder."""
+def _existing_folder(name, folder, what):
+    """``folder`` as a str; a TypeError naming ``name`` unless it is a path, an error unless it is a folder."""
     if not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(f"folder must be a path, got {describe(folder)}")
+        raise TypeError(f"{name} must be the path of {what}, got {describe(folder)}")
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise DiffusersFormatError(f"{folder!r} is not a folder" if os.path.exists(folder)
                                    else f"{folder!r} does not exist")
+    return folder
+
+
+def read_unet_folder(folder):
+    """(config dict, state_dict in diffusers' names) of a ``UNet2DModel.save_pretrained`` folder."""
+    folder = _existing_folder("folder", folder, "a UNet2DModel folder")
     config_path = os.path.join(folder, CONFIG_NAME)
     if not os.path.isfile(config_path):
         hint = (" (a pipeline folder? its UNet is in unet/)"
@@ -869,12 +875,7 @@ def _component_class(index, name, path, expected):
 def read_pipeline_folder(folder):
     """(UNet2DModel config, its state_dict in diffusers' names, scheduler class, scheduler config) of a
     ``DDPMPipeline.save_pretrained`` folder; json and weights-only reads, no diffusers."""
-    if not isinstance(folder, (str, os.PathLike)):
-        raise TypeError(f"path must be the path of a pipeline folder, got {describe(folder)}")
-    folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise DiffusersFormatError(f"{folder!r} is not a folder" if os.path.exists(folder)
-                                   else f"{folder!r} does not exist")
+    folder = _existing_folder("path", folder, "a pipeline folder")
     index_path = os.path.join(folder, PIPELINE_INDEX_NAME)
     if not os.path.isfile(index_path):
         hint = ""

@@ -174,7 +174,8 @@ def _check_table(table, columns, device):
 def _check_seed(seed, device):
     check_tensor("seed", seed)
     if seed.dtype != torch.int64 or seed.numel() != 1:
-        raise (TypeError if seed.dtype != torch.int64 else ValueError)(f"seed must be a one-element int64 tensor (see ddpm_fast.ops._common.draw_seed), "
+        error = TypeError if seed.dtype != torch.int64 else ValueError
+        raise error(f"seed must be a one-element int64 tensor (see ddpm_fast.ops._common.draw_seed), "
                          f"got {describe(seed)}")
     if seed.device != device:
         raise ValueError(f"seed must be on the input's device ({device}), got {seed.device}")

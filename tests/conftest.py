@@ -17,6 +17,14 @@ except ImportError as error:
                        "install it (`pip install .`) and run pytest from a directory where the source "
                        "tree does not shadow the installed package") from error
 
+@pytest.fixture
+def poisoned_outputs():
+    """torch.empty / empty_like (Python and C++) return NaN-filled memory while this is on."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(False)
+
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

@@ -315,6 +315,18 @@ def diffusers_sample(unet, scheduler, num_steps, seed, **step_kwargs):
     return x
 
 
+def ddpm_sample_with_diffusers_noise(unet, diffusion, seed):
+    """Our DDPM loop fed diffusers' random numbers: it draws x_T, then one noise tensor per step
+    with t > 0, from its generator."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=generator)
+    with torch.no_grad():
+        for step in range(NUM_TRAIN_TIMESTEPS - 1, -1, -1):
+            noise = torch.randn(SHAPE, generator=generator) if step > 0 else torch.zeros(SHAPE)
+            x = diffusion.p_sample(unet, x, torch.full((SHAPE[0],), step), noise=noise)
+    return x
+
+
 def to_image(x):
     return (x / 2 + 0.5).clamp(0, 1)
 
@@ -355,13 +367,7 @@ def test_ddpm_sampling_matches_diffusers(pipelines, changes):
     if changes:
         diffusion = GaussianDiffusion.from_diffusers(scheduler)
     expected = diffusers_sample(theirs.unet, scheduler, NUM_TRAIN_TIMESTEPS, seed=0)
-    # diffusers draws x_T, then one noise tensor per step with t > 0, from its generator.
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(SHAPE, generator=generator)
-    with torch.no_grad():
-        for step in range(NUM_TRAIN_TIMESTEPS - 1, -1, -1):
-            noise = torch.randn(SHAPE, generator=generator) if step > 0 else torch.zeros(SHAPE)
-            x = diffusion.p_sample(unet, x, torch.full((SHAPE[0],), step), noise=noise)
+    x = ddpm_sample_with_diffusers_noise(unet, diffusion, seed=0)
     error = relative_error(x, expected)
     print(f"DDPM {changes}, {NUM_TRAIN_TIMESTEPS} steps: max relative error {error:.2e}")
     # Each step's coefficients differ by diffusers' float32 alpha_bar (ours come from float64) and the
@@ -481,12 +487,7 @@ def test_diffusers_loads_our_export(our_unet, name, tmp_path):
     with torch.no_grad():
         assert relative_error(our_unet(x, t), theirs.unet(x, t).sample) < 1e-4
     expected = diffusers_sample(theirs.unet, theirs.scheduler, NUM_TRAIN_TIMESTEPS, seed=9)
-    generator = torch.Generator().manual_seed(9)
-    x = torch.randn(SHAPE, generator=generator)
-    with torch.no_grad():
-        for step in range(NUM_TRAIN_TIMESTEPS - 1, -1, -1):
-            noise = torch.randn(SHAPE, generator=generator) if step > 0 else torch.zeros(SHAPE)
-            x = diffusion.p_sample(our_unet, x, torch.full((SHAPE[0],), step), noise=noise)
+    x = ddpm_sample_with_diffusers_noise(our_unet, diffusion, seed=9)
     assert (x - expected).abs().max() < 1e-4
 
 

@@ -9,20 +9,25 @@ Coefficient tables (float32, shape [T, K], contiguous):
 
 * q_sample, K = 2: ``x_t = table[t, 0] * x_start + table[t, 1] * eps``
   (``sqrt(abar_t)``, ``sqrt(1 - abar_t)``).
-* reverse step and DDIM step, K = 5 (columns named below)::
+* the sampler step, K = 8: one step of every sampler (DDPM, DDIM, DPM-Solver++ 1/2/3M and its
+  SDE form, each optionally with classifier-free guidance), row ``index[b]`` for batch element b::
 
-      x0   = table[t, X0_FROM_XT] * x_t + table[t, X0_FROM_MODEL] * model_output
-      x0   = clamp(x0, -1, 1)                                  # only with clip_denoised
-      x_tm1 = table[t, OUT_FROM_X0] * x0 + table[t, OUT_FROM_XT] * x_t + table[t, SIGMA] * z
+      m     = model_output[b]                                  # unguided: model_output is [B, ...]
+      m     = m_u + table[i, GUIDANCE_SCALE] * (m_c - m_u)      # guided: model_output is [2B, ...],
+                                                               # m_c = model_output[b], m_u = model_output[B + b]
+      x0    = table[i, X0_FROM_X] * x + table[i, X0_FROM_MODEL] * m
+      x0    = clamp(x0, -1, 1)                                 # only with clip_denoised
+      x_out = table[i, OUT_FROM_X] * x + table[i, OUT_FROM_X0] * x0
+              + table[i, OUT_FROM_H1] * h1 + table[i, OUT_FROM_H2] * h2 + table[i, OUT_FROM_Z] * z
 
-  The DDPM reverse step (posterior mean + sqrt(var) * z, any prediction type) and the DDIM
-  step (any eta) are both of this form; only their tables differ. "No noise at t = 0" is
-  ``SIGMA = 0`` in that row of the DDPM table.
-* DPM-Solver++ step, K = 5, rows indexed by the solver step (not by t): the same arithmetic
-  with the previous step's x0 prediction in the place of z (column ``X0_PREV``), and the new
-  x0 (clamped with clip_denoised) returned as a second output::
-
-      x_next = table[i, OUT_FROM_X0] * x0 + table[i, OUT_FROM_XT] * x + table[i, X0_PREV] * x0_prev
+  h1 and h2 are earlier x0 predictions (multistep solvers; absent means 0), z the noise (given,
+  drawn in-kernel from a seed, or 0). The step returns x_out and, when asked (``store_x0``), the
+  x0 it used: the next step's h1. The samplers (``ddpm_fast.samplers``) build these rows in
+  float64, once per loop.
+* the legacy step tables of ``ops.reverse_step`` / ``ops.ddim_step`` / ``ops.dpm_solver_step``,
+  K = 5 (columns LEGACY_*): ``x0 = A x + B m``, ``out = P x0 + Q x + S z`` (for the DPM-Solver++
+  step, S weights the previous x0); :func:`sampler_table_from_legacy` maps them onto the sampler
+  step.
 
 In-kernel noise (every backend draws the same numbers): for a one-element int64 ``seed``
 tensor and the element at linear storage index ``i`` (batch-outermost dense layout),
@@ -40,11 +45,12 @@ import torch.nn.functional as F
 # Columns of the q_sample table.
 SQRT_ALPHAS_CUMPROD, SQRT_ONE_MINUS_ALPHAS_CUMPROD = 0, 1
 Q_SAMPLE_COLUMNS = 2
-# Columns of the reverse-step / DDIM-step table.
-X0_FROM_XT, X0_FROM_MODEL, OUT_FROM_X0, OUT_FROM_XT, SIGMA = 0, 1, 2, 3, 4
-STEP_TABLE_COLUMNS = 5
-# The DPM-Solver++ step table has the same columns, with the last one weighting the previous x0.
-X0_PREV = SIGMA
+# Columns of the sampler-step table.
+X0_FROM_X, X0_FROM_MODEL, GUIDANCE_SCALE, OUT_FROM_X, OUT_FROM_X0, OUT_FROM_H1, OUT_FROM_H2, OUT_FROM_Z = range(8)
+SAMPLER_STEP_COLUMNS = 8
+# Columns of the legacy [T, 5] tables of reverse_step / ddim_step / dpm_solver_step.
+LEGACY_X0_FROM_XT, LEGACY_X0_FROM_MODEL, LEGACY_OUT_FROM_X0, LEGACY_OUT_FROM_XT, LEGACY_SIGMA = range(5)
+LEGACY_STEP_COLUMNS = 5
 
 PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
 PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
@@ -64,34 +70,43 @@ def q_sample(x_start, t, table, noise):
     return a * x_start + s * noise
 
 
-def _step(x_t, model_output, t, table, clip_denoised, z):
-    """(out, x0) of the step-table arithmetic; z=None means z = 0."""
-    x0_from_xt, x0_from_model, out_from_x0, out_from_xt, out_from_z = _rows(table, t, x_t)
-    x0 = x0_from_xt * x_t + x0_from_model * model_output
+def guided_model_output(model_output, batch, guidance_scale):
+    """m_u + s (m_c - m_u) for a [2B, ...] model output (cond first, then uncond), else the output itself."""
+    if model_output.shape[0] == batch:
+        return model_output
+    cond, uncond = model_output[:batch], model_output[batch:]
+    return uncond + guidance_scale * (cond - uncond)
+
+
+def sampler_step(x, model_output, index, table, clip_denoised=False, h1=None, h2=None, noise=None, store_x0=True):
+    """One sampler step from the sampler-step table; returns (x_out, x0).
+
+    ``model_output`` is [B, ...] or, guided, [2B, ...] (cond first); h1, h2 and noise are
+    None for 0. x0 is an empty tensor unless ``store_x0``.
+    """
+    (x0_from_x, x0_from_model, guidance_scale, out_from_x, out_from_x0, out_from_h1, out_from_h2,
+     out_from_z) = _rows(table, index, x)
+    m = guided_model_output(model_output, x.shape[0], guidance_scale)
+    x0 = x0_from_x * x + x0_from_model * m
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
-    out = out_from_x0 * x0 + out_from_xt * x_t
-    if z is not None:
-        out = out + out_from_z * z
-    return out, x0
+    out = out_from_x * x + out_from_x0 * x0
+    for weight, term in ((out_from_h1, h1), (out_from_h2, h2), (out_from_z, noise)):
+        if term is not None:
+            out = out + weight * term
+    return out, (x0 if store_x0 else x.new_empty((0,)))
 
 
-def reverse_step(x_t, model_output, t, table, clip_denoised=False, noise=None):
-    """One reverse (or DDIM) step from the step table; noise=None means z = 0."""
-    return _step(x_t, model_output, t, table, clip_denoised, noise)[0]
-
-
-ddim_step = reverse_step  # same arithmetic, a table built from the DDIM coefficients
-
-
-def dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised=False):
-    """One DPM-Solver++ multistep update; returns (x_next, x0).
-
-    The step table's arithmetic with the previous step's x0 prediction in the place of z
-    (column X0_PREV; x0_prev=None means 0, the first step), and the new x0 prediction
-    returned too: the next step's x0_prev.
-    """
-    return _step(x, model_output, index, table, clip_denoised, x0_prev)
+def sampler_table_from_legacy(table, previous_x0=False):
+    """A [T, 8] sampler-step table from a legacy [T, 5] one (S weights z, or h1 with previous_x0)."""
+    out = table.new_zeros(table.shape[0], SAMPLER_STEP_COLUMNS)
+    out[:, X0_FROM_X] = table[:, LEGACY_X0_FROM_XT]
+    out[:, X0_FROM_MODEL] = table[:, LEGACY_X0_FROM_MODEL]
+    out[:, GUIDANCE_SCALE] = 1.0
+    out[:, OUT_FROM_X] = table[:, LEGACY_OUT_FROM_XT]
+    out[:, OUT_FROM_X0] = table[:, LEGACY_OUT_FROM_X0]
+    out[:, OUT_FROM_H1 if previous_x0 else OUT_FROM_Z] = table[:, LEGACY_SIGMA]
+    return out
 
 
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):

@@ -115,17 +115,6 @@ class GaussianDiffusion:
         for name in _SEED_ATTRIBUTES + _MORE_ATTRIBUTES:
             setattr(self, name, getattr(home, name))
 
-    @classmethod
-    def from_diffusers(cls, scheduler_or_config, **overrides):
-        """The diffusion of a diffusers scheduler (object, config dict or scheduler_config.json path).
-
-        ``overrides``: ``backend``, ``device``, ``sampler_defaults``. Every scheduler key is mapped,
-        inert or rejected by name: see ``ddpm_fast.interop.diffusers.diffusion_config_from_diffusers``.
-        """
-        from .interop.diffusers import diffusion_from_diffusers
-
-        return diffusion_from_diffusers(scheduler_or_config, **overrides)
-
     # ------------------------------------------------------------------ configuration
 
     @property

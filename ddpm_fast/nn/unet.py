@@ -319,19 +319,6 @@ class UNet(nn.Module):
             raise ValueError(f"unknown UNet preset {name!r}; presets are: {', '.join(sorted(cls.PRESETS))}")
         return cls(**{**cls.PRESETS[name], "fused": fused, **overrides})
 
-    @classmethod
-    def from_diffusers(cls, model_or_path, fused=True, backend="auto"):
-        """The network of a diffusers ``UNet2DModel`` with its weights (float32, CPU, eval mode).
-
-        ``model_or_path``: a UNet2DModel object, or the path of its ``save_pretrained`` folder
-        (config.json + diffusion_pytorch_model.safetensors or .bin; reading one needs no
-        diffusers). Configs outside the DDPM family raise a ValueError naming the field. See
-        :mod:`ddpm_fast.interop.diffusers`, which also writes a UNet as such a folder (save_unet).
-        """
-        from ..interop.diffusers import load_unet
-
-        return load_unet(model_or_path, fused=fused, backend=backend)
-
     @property
     def config(self):
         """The constructor arguments as a JSON-able dict: ``UNet(**model.config)`` rebuilds the network."""

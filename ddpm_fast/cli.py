@@ -108,7 +108,7 @@ def build_parser():
     train.add_argument("--sample-n", type=_positive_int, help="images per sample grid (default 64)")
     train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids (default {DEFAULTS['sampler']})")
     train.add_argument("--sample-steps", type=_positive_int,
-                       help=f"ddim / dpm++2m steps for the grids (default {DEFAULTS['sample_steps']})")
+                       help=f"ddim / dpm++ steps for the grids (default {DEFAULTS['sample_steps']})")
     train.add_argument("--ckpt-every", type=_non_negative_int, help="write checkpoint.pt every N steps and at "
                                                                    "the end (0 = only at the end, default 1000)")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
@@ -125,9 +125,11 @@ def build_parser():
     # --num-samples spells --n out: torchrun takes a bare --n for one of its own options.
     sample.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=64, help="number of samples")
     sample.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
-                        help="ddpm: all T ancestral steps; ddim, dpm++2m (DPM-Solver++ 2M): --steps steps")
-    sample.add_argument("--steps", type=_positive_int, default=DEFAULTS["sample_steps"],
-                        help="steps of ddim and dpm++2m")
+                        help="ddpm: all T ancestral steps; ddim, dpm++2m (DPM-Solver++ 2M), dpm++3m (third "
+                             "order), dpm++2m-sde (stochastic 2M): --steps steps")
+    sample.add_argument("--steps", type=_positive_int, default=None,
+                        help=f"steps of ddim and the dpm++ samplers (default: {DEFAULTS['sample_steps']}, or fewer "
+                             f"when the model's schedule cannot place that many)")
     sample.add_argument("--eta", type=_non_negative_float, default=0.0,
                         help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
     # No default here: it depends on the source (see _run_sample); SUPPRESS leaves it out of args.

@@ -109,6 +109,12 @@ def sampler_table_from_legacy(table, previous_x0=False):
     return out
 
 
+def legacy_table(table, previous_x0=False):
+    """A legacy [T, 5] table from a [T, 8] sampler-step table without guidance or a second history term."""
+    z = OUT_FROM_H1 if previous_x0 else OUT_FROM_Z
+    return table[:, [X0_FROM_X, X0_FROM_MODEL, OUT_FROM_X0, OUT_FROM_X, z]]
+
+
 def group_norm_silu(x, weight, bias, num_groups, eps=1e-5):
     """y = silu(group_norm(x)): the eager two-op expression the fused kernel replaces."""
     return F.silu(F.group_norm(x, num_groups, weight, bias, eps))

@@ -9,7 +9,6 @@ import math
 import numpy as np
 import torch
 
-from . import reference
 
 SCHEDULES = ("linear", "cosine")
 PREDICTION_TYPES = ("epsilon", "x0", "v")
@@ -104,57 +103,6 @@ def x0_coefficients(alphas_cumprod, prediction_type):
 def q_sample_table(quantities):
     """[T, 2]: (sqrt(abar_t), sqrt(1 - abar_t))."""
     return torch.stack([quantities["sqrt_alphas_cumprod"], quantities["sqrt_one_minus_alphas_cumprod"]], dim=1)
-
-
-def reverse_step_table(quantities, prediction_type, variance_type):
-    """[T, 5] rows of the DDPM step: x0 from (x_t, model output), posterior mean, sigma_t.
-
-    sigma_0 = 0: the last step (t = 0) adds no noise.
-    """
-    if variance_type == "posterior":
-        variance = quantities["posterior_variance"]
-    elif variance_type == "beta":
-        variance = quantities["betas"]
-    else:
-        raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
-    sigma = variance.sqrt().clone()
-    sigma[0] = 0.0
-    x0_from_xt, x0_from_model = x0_coefficients(quantities["alphas_cumprod"], prediction_type)
-    table = torch.empty(len(sigma), reference.STEP_TABLE_COLUMNS, dtype=torch.float64)
-    table[:, reference.X0_FROM_XT] = x0_from_xt
-    table[:, reference.X0_FROM_MODEL] = x0_from_model
-    table[:, reference.OUT_FROM_X0] = quantities["posterior_mean_coef1"]
-    table[:, reference.OUT_FROM_XT] = quantities["posterior_mean_coef2"]
-    table[:, reference.SIGMA] = sigma
-    return table
-
-
-def ddim_sigma(alphas_cumprod_t, alphas_cumprod_prev, eta):
-    """Song et al. 2021, eq. 16: eta * sqrt((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev))."""
-    ratio = (1 - alphas_cumprod_prev) / (1 - alphas_cumprod_t) * (1 - alphas_cumprod_t / alphas_cumprod_prev)
-    return eta * ratio.sqrt()
-
-
-def ddim_step_rows(alphas_cumprod_t, alphas_cumprod_prev, eta, prediction_type):
-    """[..., 5] rows of the DDIM step from t to t_prev (float64 in, float64 out).
-
-    x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - sigma^2) eps + sigma z, where
-    eps = (x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t) is re-derived from the (possibly clipped)
-    x0, as improved-diffusion does; that is linear in (x0, x_t), hence the table's form.
-    abar_prev = 1 (t_prev = -1) gives the final step x_prev = x0.
-    """
-    sigma = ddim_sigma(alphas_cumprod_t, alphas_cumprod_prev, eta)
-    direction = (1 - alphas_cumprod_prev - sigma**2).clamp(min=0).sqrt()
-    eps_from_xt = 1 / (1 - alphas_cumprod_t).sqrt()
-    eps_from_x0 = -alphas_cumprod_t.sqrt() * eps_from_xt
-    x0_from_xt, x0_from_model = x0_coefficients(alphas_cumprod_t, prediction_type)
-    return torch.stack([
-        x0_from_xt,
-        x0_from_model,
-        alphas_cumprod_prev.sqrt() + direction * eps_from_x0,
-        direction * eps_from_xt,
-        sigma,
-    ], dim=-1)
 
 
 SPACINGS = ("linspace", "leading", "trailing")
@@ -256,34 +204,3 @@ def dpm_solver_timesteps(alphas_cumprod, num_steps, spacing="linspace", steps_of
     timesteps = torch.from_numpy(np.ascontiguousarray(timesteps, dtype=np.int64))
     last = 0.0 if final_sigma == "zero" else all_sigmas[0]
     return timesteps, torch.from_numpy(np.concatenate([sigmas, [last]])).double()
-
-
-def dpm_solver_step_rows(sigmas, order, lower_order_final, prediction_type):
-    """[N, 5] float64 rows of DPM-Solver++ (data prediction, multistep, midpoint) over sigmas [N + 1].
-
-    With alpha(s) = 1 / sqrt(1 + s^2), the VP pair (alpha_s, alpha_s * s) and h = log(s / s_next):
-    first order (= DDIM with eta = 0):  x' = (alpha' s' / (alpha s)) x + alpha' (1 - e^-h) x0;
-    second order, midpoint (Lu et al. 2022, alg. 2), with r = h_prev / h:
-        x' = (alpha' s' / (alpha s)) x + alpha' (1 - e^-h) (x0 + (x0 - x0_prev) / (2 r)).
-    The first step, every step of order 1, and the last step when it ends on sigma = 0 (or,
-    with lower_order_final, when there are fewer than 15 steps) are first order, as in diffusers.
-    """
-    num_steps = len(sigmas) - 1
-    sigma, sigma_next = sigmas[:-1], sigmas[1:]
-    alpha, alpha_next = (1 + sigma**2).rsqrt(), (1 + sigma_next**2).rsqrt()
-    ratio = sigma_next / sigma  # e^-h
-    out_from_x0 = alpha_next * (1 - ratio)
-    x0_prev = torch.zeros_like(sigma)
-    second = torch.full_like(sigma, order >= 2, dtype=torch.bool)
-    second[0] = False
-    final_first_order = sigma_next[-1] == 0 or (lower_order_final and num_steps < 15)
-    if final_first_order:
-        second[-1] = False
-    if bool(second.any()):
-        h = torch.log(sigma / sigma_next)
-        h_prev = torch.cat([h.new_ones(1), h[:-1]])
-        half_over_r = 0.5 * h / h_prev
-        x0_prev = torch.where(second, -out_from_x0 * half_over_r, x0_prev)
-        out_from_x0 = torch.where(second, out_from_x0 * (1 + half_over_r), out_from_x0)
-    x0_from_x, x0_from_model = x0_coefficients(alpha**2, prediction_type)
-    return torch.stack([x0_from_x, x0_from_model, out_from_x0, alpha_next * ratio / alpha, x0_prev], dim=-1)

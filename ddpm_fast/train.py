@@ -14,19 +14,31 @@ and gathers them.
 import dataclasses
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import samplers
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
 from .images import save_grid
 from .validation import check_number
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# ddpm: all T ancestral steps; ddim: DDIM with eta; dpm++2m: DPM-Solver++ (2M), the fastest for its quality.
-SAMPLERS = ("ddpm", "ddim", "dpm++2m")
+# The --sampler choices: the loop each runs, and the DPM-Solver++ options it fixes (the others come
+# from the diffusion's sampler defaults). ddpm: all T ancestral steps; ddim: DDIM with eta;
+# dpm++2m: DPM-Solver++ 2M, the fastest for its quality; dpm++3m: third order; dpm++2m-sde: the
+# stochastic 2M solver.
+SAMPLER_LOOPS = {
+    "ddpm": ("ddpm", {}),
+    "ddim": ("ddim", {}),
+    "dpm++2m": ("dpm_solver", {"order": 2, "sde": False}),
+    "dpm++3m": ("dpm_solver", {"order": 3, "sde": False}),
+    "dpm++2m-sde": ("dpm_solver", {"order": 2, "sde": True}),
+}
+SAMPLERS = tuple(SAMPLER_LOOPS)
 CHECKPOINT_NAME = "checkpoint.pt"
 
 # What shapes the model and the noise process: a resumed run must use the checkpoint's values.
@@ -151,12 +163,37 @@ def load_for_sampling(path, device, use_ema=True):
 
 # ---------------------------------------------------------------- sampling (sharded over ranks)
 
+def sample_steps(diffusion, sampler, steps=None):
+    """The step count of a sampler: ``steps``, checked against the schedule, or the default, fitted to it.
+
+    A default that the schedule cannot place (a 20-step pipeline with "leading" spacing, say) is
+    capped to the largest count that fits, and stderr says so; an explicit impossible count is
+    a ConfigError naming --steps.
+    """
+    loop, options = SAMPLER_LOOPS[sampler]
+    if loop == "ddpm":
+        return diffusion.num_timesteps
+    wanted = DEFAULTS["sample_steps"] if steps is None else steps
+    fitted = samplers.fit_num_steps(diffusion, loop, wanted, **options)
+    if fitted != wanted:
+        if steps is not None:
+            raise ConfigError(f"--steps {steps} does not fit this model's {diffusion.num_timesteps}-step schedule "
+                              f"with spacing {diffusion.sampler_defaults.spacing!r}: use --steps {fitted} or fewer")
+        print(f"ddpm-fast: sampling with {fitted} steps, the most this model's {diffusion.num_timesteps}-step "
+              f"schedule allows (spacing {diffusion.sampler_defaults.spacing!r}); --steps sets the count",
+              file=sys.stderr)
+    return fitted
+
+
 @torch.no_grad()
-def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, eta=0.0, seed=0, clip=True,
-             dist_info=None, progress=False):
+def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=None, eta=0.0, seed=0, clip=True,
+             dist_info=None, progress=False, y=None, guidance_scale=1.0):
     """n samples [n, C, H, W] in [-1, 1] on the CPU (on every rank).
 
-    clip: clamp each step's predicted x_0 to the data range [-1, 1] (fewer off-manifold samples).
+    steps: of ddim and the DPM-Solver++ samplers (None: the default, fitted to the schedule; see
+    :func:`sample_steps`). clip: clamp each step's predicted x_0 to the data range [-1, 1] (fewer
+    off-manifold samples). y: [n] class labels of a class-conditional model (None: unconditional),
+    guided with ``guidance_scale`` (1: the conditional model alone).
 
     Batch b is drawn from a generator seeded with (seed, b), and batches are dealt to ranks
     round-robin, so the samples do not depend on the number of processes.
@@ -165,6 +202,8 @@ def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, et
         raise ConfigError(f"--sampler must be one of {list(SAMPLERS)}, got {sampler!r}")
     if n < 1 or batch_size < 1:
         raise ConfigError(f"--n and --batch-size must be positive, got {n} and {batch_size}")
+    loop, options = SAMPLER_LOOPS[sampler]
+    steps = sample_steps(diffusion, sampler, steps)
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     device = next(model.parameters()).device
     config = model.config
@@ -173,14 +212,16 @@ def generate(model, diffusion, n, *, batch_size=64, sampler="ddim", steps=50, et
     for b in range(rank, len(sizes), world):
         generator = torch.Generator(device).manual_seed(mix_seed(seed, b))
         shape = (sizes[b], config["in_channels"], config["image_size"], config["image_size"])
-        if sampler == "ddpm":
-            x = diffusion.p_sample_loop(model, shape, generator=generator, progress=progress, clip_denoised=clip)
-        elif sampler == "ddim":
-            x = diffusion.ddim_sample_loop(model, shape, num_steps=steps, eta=eta, generator=generator,
-                                           progress=progress, clip_denoised=clip)
+        start = sum(sizes[:b])
+        labels = None if y is None else y[start:start + sizes[b]].to(device)
+        common = dict(generator=generator, progress=progress, clip_denoised=clip, y=labels,
+                      guidance_scale=guidance_scale)
+        if loop == "ddpm":
+            x = diffusion.p_sample_loop(model, shape, **common)
+        elif loop == "ddim":
+            x = diffusion.ddim_sample_loop(model, shape, num_steps=steps, eta=eta, **common)
         else:
-            x = diffusion.dpm_solver_sample_loop(model, shape, num_steps=steps, generator=generator,
-                                                 progress=progress, clip_denoised=clip)
+            x = diffusion.dpm_solver_sample_loop(model, shape, num_steps=steps, **options, **common)
         mine[b] = x.float().clamp(-1, 1)
     if world == 1:
         return torch.cat([mine[b] for b in range(len(sizes))]).cpu()

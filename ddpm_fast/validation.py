@@ -136,3 +136,78 @@ def check_shape(name, shape):
         if isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 1:
             raise ValueError(f"{name} must contain positive ints only, got {tuple(shape)}")
     return tuple(int(size) for size in shape)
+
+
+def check_model(model):
+    """A denoising model callable as model(x_t, t)."""
+    if not callable(model):
+        raise TypeError(f"denoise_model must be callable as denoise_model(x_t, t), got {describe(model)}")
+    return model
+
+
+def check_optional_like(name, tensor, like_name, like):
+    """None, or a floating tensor matching ``like`` exactly."""
+    if tensor is not None:
+        check_float(name, tensor)
+        check_like(name, tensor, like_name, like)
+    return tensor
+
+
+def check_generator(generator, device):
+    """None, or a torch.Generator on the device type where the samples are drawn."""
+    if generator is None:
+        return None
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {describe(generator)}")
+    if generator.device.type != torch.device(device).type:
+        raise ValueError(f"generator must be a generator on {torch.device(device).type} (where the samples are "
+                         f"drawn), got one on {generator.device}")
+    return generator
+
+
+def check_labels(y, batch_size, num_classes, device, name="y"):
+    """Class labels: an int64 [batch_size] tensor on ``device`` with values in [0, num_classes).
+
+    The range is checked on the host for CPU tensors only (a check of CUDA values would sync).
+    """
+    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64:
+        raise TypeError(f"{name} must be an int64 tensor of class labels, got {describe(y)}")
+    if y.dim() != 1 or y.shape[0] != batch_size:
+        raise ValueError(f"{name} must have shape [batch_size] = [{batch_size}], got {list(y.shape)}")
+    if y.device != torch.device(device) and not (y.device.type == torch.device(device).type == "cuda"):
+        raise ValueError(f"{name} must be on the samples' device ({device}), got {y.device}")
+    if y.device.type == "cpu" and not torch.compiler.is_compiling() and y.numel() and \
+            not bool(((y >= 0) & (y < num_classes)).all()):
+        raise ValueError(f"{name} must hold class labels in [0, {num_classes}), got values from "
+                         f"{int(y.min())} to {int(y.max())}")
+    return y
+
+
+def check_device(device):
+    """None, or a torch device that exists here."""
+    if device is None:
+        return None
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch device or None, got {device!r}") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} was asked for but CUDA is not available; "
+                         "pass device=None to follow the inputs' device")
+    return device
+
+
+def check_t_prev(t_prev, t, num_timesteps):
+    """DDIM's target timesteps: integers in [-1, t) (-1: the final step to x_0); order checked on the host for CPU."""
+    if not isinstance(t_prev, torch.Tensor) or t_prev.dtype.is_floating_point or t_prev.dtype.is_complex \
+            or t_prev.dtype == torch.bool:
+        got = t_prev.dtype if isinstance(t_prev, torch.Tensor) else describe(t_prev)
+        raise TypeError(f"t_prev must be an integer tensor of timesteps (-1 for the final step), got {got}")
+    try:
+        t_prev = check_timesteps(t_prev + 1, t.shape[0], num_timesteps + 1, t.device, name="t_prev") - 1
+    except ValueError as error:
+        raise ValueError(f"{error} (as t_prev + 1: t_prev must lie in [-1, {num_timesteps - 1}])") from None
+    if t.device.type == "cpu" and not torch.compiler.is_compiling() and bool((t_prev >= t).any()):
+        raise ValueError(f"t_prev must be smaller than t element by element (DDIM steps go backwards in time), "
+                         f"got t={t.tolist()} and t_prev={t_prev.tolist()}")
+    return t_prev

@@ -121,8 +121,8 @@ CASES = [
     ("ddim_sample_loop unknown spacing", "spacing", ValueError,
      lambda b, dev: _diffusion(b).ddim_sample_loop(_model, (1, 3, 4, 4), num_steps=5, spacing="log")),
     # --------------------------------------------------------------- DPM-Solver++
-    ("dpm_solver order 3", "order", ValueError,
-     lambda b, dev: _diffusion(b).dpm_solver_sample_loop(_model, (1, 3, 4, 4), num_steps=5, order=3)),
+    ("dpm_solver order 4", "order", ValueError,
+     lambda b, dev: _diffusion(b).dpm_solver_sample_loop(_model, (1, 3, 4, 4), num_steps=5, order=4)),
     ("dpm_solver num_steps above T", "num_steps", ValueError,
      lambda b, dev: _diffusion(b).dpm_solver_sample_loop(_model, (1, 3, 4, 4), num_steps=T + 1)),
     ("dpm_solver num_steps with repeated timesteps", "num_steps", ValueError,

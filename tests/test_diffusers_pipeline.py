@@ -145,6 +145,9 @@ MAPPINGS = [
     ("DPMSolverMultistepScheduler", {}, dict(clip_denoised=False, spacing="linspace", order=2, lower_order_final=True,
                                              karras_sigmas=False, final_sigma="zero")),
     ("DPMSolverMultistepScheduler", {"solver_order": 1}, dict(order=1)),
+    ("DPMSolverMultistepScheduler", {"solver_order": 3}, dict(order=3)),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, dict(sde=True)),
+    ("DPMSolverMultistepScheduler", {"solver_type": "heun", "solver_order": 3}, dict(solver_type="heun", order=3)),
     ("DPMSolverMultistepScheduler", {"lower_order_final": False}, dict(lower_order_final=False)),
     ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, dict(karras_sigmas=True)),
     ("DPMSolverMultistepScheduler", {"final_sigmas_type": "sigma_min"}, dict(final_sigma="sigma_min")),
@@ -220,7 +223,7 @@ def test_google_ddpm_scheduler_config():
     ("DDPMScheduler", {"rescale_betas_zero_snr": True}, "rescale_betas_zero_snr"),
     ("DDIMScheduler", {"set_alpha_to_one": False}, "set_alpha_to_one"),
     ("DDPMScheduler", {"set_alpha_to_one": False}, "set_alpha_to_one"),  # what DDIMScheduler.from_config takes
-    ("DDIMScheduler", {"solver_order": 3}, "solver_order"),
+    ("DDIMScheduler", {"solver_order": 4}, "solver_order"),
     ("DDIMScheduler", {"variance_type": "learned_range"}, "variance_type"),
     ("DDPMScheduler", {"prediction_type": ["epsilon"]}, "prediction_type"),
     ("DDPMScheduler", {"clip_sample_range": 2.0}, "clip_sample_range"),
@@ -229,9 +232,9 @@ def test_google_ddpm_scheduler_config():
     ("DDPMScheduler", {"prediction_type": "flow_prediction"}, "prediction_type"),
     ("DDPMScheduler", {"timestep_spacing": "uniform"}, "timestep_spacing"),
     ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver"}, "algorithm_type"),
-    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "algorithm_type"),
-    ("DPMSolverMultistepScheduler", {"solver_type": "heun"}, "solver_type"),
-    ("DPMSolverMultistepScheduler", {"solver_order": 3}, "solver_order"),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver"}, "algorithm_type"),
+    ("DPMSolverMultistepScheduler", {"solver_type": "bh2"}, "solver_type"),
+    ("DPMSolverMultistepScheduler", {"solver_order": 4}, "solver_order"),
     ("DPMSolverMultistepScheduler", {"use_exponential_sigmas": True}, "use_exponential_sigmas"),
     ("DPMSolverMultistepScheduler", {"use_beta_sigmas": True}, "use_beta_sigmas"),
     ("DPMSolverMultistepScheduler", {"use_lu_lambdas": True}, "use_lu_lambdas"),
@@ -690,3 +693,18 @@ def test_command_line_errors(checkpoint_path, pipeline_dir, tmp_path, capsys):
             main(argv)
         assert info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "dpm++2m-sde", "ddim"])
+def test_default_step_count_fits_a_short_schedule(pipeline_dir, tmp_path, capsys, sampler):
+    """A 20-step schedule with "leading" spacing cannot place 20 DPM-Solver++ steps: the default is capped,
+    stderr says so, and an explicit impossible --steps stays an error naming --steps."""
+    folder = _copy_pipeline(pipeline_dir, tmp_path / "pipe")
+    _edit_json(folder / "scheduler" / "scheduler_config.json", timestep_spacing="leading")
+    samples = _samples(["sample", "--pipeline", str(folder), "--n", "2", "--sampler", sampler], tmp_path / "s.npz")
+    assert samples.shape == (2, 3, 8, 8) and np.isfinite(samples).all()
+    err = capsys.readouterr().err
+    if sampler != "ddim":  # DDIM's leading spacing places 20 steps in 20 timesteps
+        assert "sampling with 19 steps, the most this model's 20-step schedule allows" in err, err
+        _fails(["sample", "--pipeline", str(folder), "--sampler", sampler, "--steps", "20", "--out",
+                str(tmp_path / "g.png")], capsys, "--steps 20 does not fit", "use --steps 19 or fewer")

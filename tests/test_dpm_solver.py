@@ -1,5 +1,6 @@
-"""DPM-Solver++ sampling: step for step equal to diffusers, equal to DDIM at order 1, and its accuracy
-measured against the exact probability-flow ODE solution of Gaussian data."""
+"""DPM-Solver++ sampling (orders 1-3, midpoint and Heun, ODE and SDE): step for step equal to diffusers,
+equal to DDIM at order 1, and its accuracy measured against the exact probability-flow ODE solution of
+Gaussian data."""
 
 import os
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from conftest import backend_params
-from ddpm_fast import GaussianDiffusion, SamplerDefaults, reference, schedules
+from ddpm_fast import GaussianDiffusion, SamplerDefaults, ops, reference, schedules
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 diffusers = pytest.importorskip("diffusers")
@@ -63,6 +64,13 @@ OPTIONS = {  # ours -> diffusers' scheduler configuration
     "sigma_min": ({"final_sigma": "sigma_min"}, {"final_sigmas_type": "sigma_min"}),
     "sigma_min, no lower order final": ({"final_sigma": "sigma_min", "lower_order_final": False},
                                         {"final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    "heun": ({"solver_type": "heun"}, {"solver_type": "heun"}),
+    "order 3": ({"order": 3}, {"solver_order": 3}),
+    "order 3, karras": ({"order": 3, "karras_sigmas": True}, {"solver_order": 3, "use_karras_sigmas": True}),
+    "order 3, sigma_min, no lower order final": (
+        {"order": 3, "final_sigma": "sigma_min", "lower_order_final": False},
+        {"solver_order": 3, "final_sigmas_type": "sigma_min", "lower_order_final": False}),
+    "order 3, trailing": ({"order": 3, "spacing": "trailing"}, {"solver_order": 3, "timestep_spacing": "trailing"}),
 }
 
 
@@ -164,7 +172,7 @@ def _ode_errors(schedule, num_steps, steps_taken=None):
         x, x0 = x_T, None
         for i in range(steps):
             t, index = torch.full((8,), int(timesteps[i])), torch.full((8,), i)
-            x, x0 = reference.dpm_solver_step(x, model(x, t), x0, index, rows)
+            x, x0 = reference.sampler_step(x, model(x, t), index, rows, h1=x0)
         exact = ode_solution(d, x_T, timesteps[0], sigmas[steps].item())
         errors.append(((x - exact) ** 2).mean().sqrt().item())
     return errors
@@ -227,4 +235,83 @@ def test_the_final_step_returns_the_x0_prediction():
     d = GaussianDiffusion(backend="torch")
     _, rows = d.dpm_solver_plan(10)
     last = rows[-1]
-    assert last[reference.OUT_FROM_X0] == 1 and last[reference.OUT_FROM_XT] == 0 and last[reference.X0_PREV] == 0
+    assert last[reference.OUT_FROM_X0] == 1 and last[reference.OUT_FROM_X] == 0 and last[reference.OUT_FROM_H1] == 0
+
+
+# ----------------------------------------------------------------------------- third order and SDE
+
+
+@pytest.mark.parametrize("prediction", list(PREDICTIONS))
+@pytest.mark.parametrize("option", ["order 3", "order 3, sigma_min, no lower order final"])
+def test_third_order_equals_diffusers_for_every_prediction_type(prediction, option):
+    got, expected = _ours_and_diffusers(prediction, option, "linear", 20)
+    assert _relative(got, expected) < (2e-5 if prediction == "epsilon" else 1e-4)
+
+
+def test_third_order_weighs_two_earlier_predictions():
+    d = GaussianDiffusion(backend="torch")
+    _, rows = d.dpm_solver_plan(20, order=3)
+    uses_h2 = (rows[:, reference.OUT_FROM_H2] != 0).tolist()
+    assert uses_h2 == [False, False] + [True] * 17 + [False]  # warm-up, then third order, a first-order end
+    assert d.dpm_solver_plan(20, order=2)[1][:, reference.OUT_FROM_H2].eq(0).all()
+
+
+def _sde_scheduler(order, **config):
+    return diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=order, **config)
+
+
+@pytest.mark.parametrize("order", [1, 2, 3])
+@pytest.mark.parametrize("final", ["zero", "sigma_min"])
+def test_sde_equals_diffusers_given_the_same_noise(order, final):
+    """The torch backend draws each step's noise from the generator as diffusers does: same numbers, same samples."""
+    scheduler = _sde_scheduler(order, final_sigmas_type=final)
+    d = GaussianDiffusion(betas=scheduler.betas.double(), backend="torch",
+                          sampler_defaults=SamplerDefaults(sde=True, order=order, final_sigma=final))
+    x_T = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    scheduler.set_timesteps(20)
+    x, generator = x_T.clone(), torch.Generator().manual_seed(5)
+    for t in scheduler.timesteps:
+        x = scheduler.step(smooth_model(x, t.expand(3)), t, x, generator=generator).prev_sample
+    got = d.dpm_solver_sample_loop(smooth_model, x_T.shape, num_steps=20, x_T=x_T,
+                                   generator=torch.Generator().manual_seed(5))
+    assert _relative(got, x) < 2e-5
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+@pytest.mark.parametrize("order", [2, 3])
+def test_sde_steps_of_every_backend_equal_diffusers_given_its_noise(backend, device, order):
+    """Each fused step, given diffusers' per-step noise (variance_noise), gives diffusers' next sample."""
+    scheduler = _sde_scheduler(order)
+    d = GaussianDiffusion(betas=scheduler.betas.double(), backend=backend)
+    timesteps, rows = d.dpm_solver_plan(20, order=order, sde=True)
+    table = rows.to(device, torch.float32)
+    scheduler.set_timesteps(20)
+    assert timesteps.tolist() == scheduler.timesteps.tolist()
+    g = torch.Generator().manual_seed(6)
+    x_ours = x_theirs = torch.randn(3, 3, 8, 8, generator=g)
+    x_ours = x_ours.to(device)
+    h1 = h2 = None
+    for i, t in enumerate(scheduler.timesteps):
+        noise = torch.randn(3, 3, 8, 8, generator=g)
+        x_theirs = scheduler.step(smooth_model(x_theirs, t.expand(3)), t, x_theirs, variance_noise=noise).prev_sample
+        index = torch.full((3,), i, device=device)
+        x_ours, x0 = ops.sampler_step(x_ours, smooth_model(x_ours, t.expand(3).to(device)), index, table, h1=h1,
+                                      h2=h2, noise=noise.to(device), store_x0=True, backend=backend)
+        h1, h2 = x0, (h1 if order == 3 else None)
+    assert _relative(x_ours.cpu(), x_theirs) < 5e-5
+
+
+@pytest.mark.parametrize("backend, device", backend_params())
+def test_sde_in_kernel_noise_is_reproducible_under_a_generator(backend, device):
+    d = GaussianDiffusion(num_timesteps=100, backend=backend)
+    x_T = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def run(seed):
+        generator = torch.Generator(device).manual_seed(seed)
+        return d.dpm_solver_sample_loop(smooth_model, x_T.shape, num_steps=10, sde=True, x_T=x_T,
+                                        generator=generator)
+
+    one, two, other = run(1), run(1), run(2)
+    ode = d.dpm_solver_sample_loop(smooth_model, x_T.shape, num_steps=10, x_T=x_T)
+    assert torch.equal(one, two) and not torch.allclose(one, other)
+    assert not torch.allclose(one, ode)  # the SDE adds noise the ODE solver does not

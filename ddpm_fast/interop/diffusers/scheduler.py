@@ -12,7 +12,8 @@ from collections.abc import Mapping
 import torch
 
 from ... import schedules
-from ...diffusion import GaussianDiffusion, SamplerDefaults
+from ...diffusion import GaussianDiffusion
+from ...samplers import SOLVER_TYPES, SamplerDefaults
 from ...validation import check_bool, check_int, check_number, describe
 from ._files import DiffusersFormatError, _read_json
 
@@ -61,6 +62,7 @@ DEFAULT_SCHEDULER = "DDPMScheduler"  # the class of a config dict without _class
 _SCHEDULER_KEYS = set().union(*SCHEDULER_DEFAULTS.values())
 
 PREDICTION_TYPES = {"epsilon": "epsilon", "sample": "x0", "v_prediction": "v"}  # diffusers -> ddpm_fast
+ALGORITHM_TYPES = {"dpmsolver++": False, "sde-dpmsolver++": True}  # diffusers -> SamplerDefaults.sde
 # The fixed variances. The "_log" variants name the same variances (diffusers' DDPMScheduler
 # interpolates learned ones in log space). None: no choice made, DDPMScheduler's fixed_small.
 VARIANCE_TYPES = {None: "posterior", "fixed_small": "posterior", "fixed_small_log": "posterior",
@@ -109,13 +111,15 @@ def diffusion_config_from_diffusers(config, class_name=None):
                                     clipping, inert otherwise); a DPMSolverMultistepScheduler config
                                     never clips (that class ignores the clip_sample from_config brings)
         timestep_spacing, steps_offset -> sampler_defaults.spacing, .steps_offset
-        solver_order, lower_order_final, use_karras_sigmas, final_sigmas_type -> sampler_defaults.order,
-                                    .lower_order_final, .karras_sigmas, .final_sigma
+        solver_order, lower_order_final, use_karras_sigmas, final_sigmas_type, solver_type ->
+                                    sampler_defaults.order (1-3), .lower_order_final, .karras_sigmas,
+                                    .final_sigma, .solver_type ("midpoint", "heun")
+        algorithm_type           -> "dpmsolver++" -> sampler_defaults.sde=False,
+                                    "sde-dpmsolver++" -> sde=True
     Inert, so accepted: dynamic_thresholding_ratio and sample_max_value (thresholding off),
     flow_shift and time_shift_type (no flow sigmas, no dynamic shifting), euler_at_final with
     final_sigmas_type "zero" (that last step is first order anyway), a lambda_min_clipped below
-    every log-SNR of the schedule (it clips no timestep), solver_type "midpoint" and
-    algorithm_type "dpmsolver++" (ddpm_fast's solver), set_alpha_to_one=True (ddpm_fast's DDIM
+    every log-SNR of the schedule (it clips no timestep), set_alpha_to_one=True (ddpm_fast's DDIM
     ends on x_0). Keys starting with "_" are diffusers' bookkeeping.
     Everything else ddpm_fast cannot express raises DiffusersFormatError naming the key and its
     value: thresholding, learned variances, zero terminal SNR, set_alpha_to_one=False, other
@@ -206,12 +210,13 @@ def _schedule_from_diffusers(c, where, unsupported):
 
 def _solver_from_diffusers(c, where, unsupported, flag, betas):
     """The DPM-Solver++ fields of SamplerDefaults from a DPMSolverMultistepScheduler config."""
-    if c["algorithm_type"] != "dpmsolver++":
-        raise unsupported("algorithm_type", "ddpm_fast's solver is DPM-Solver++ without noise: 'dpmsolver++'")
-    if c["solver_type"] != "midpoint":
-        raise unsupported("solver_type", "ddpm_fast's second-order update is the midpoint one: 'midpoint'")
-    if check_int(f"{where}: solver_order", c["solver_order"]) not in (1, 2):
-        raise unsupported("solver_order", "ddpm_fast's DPM-Solver++ has orders 1 and 2")
+    if c["algorithm_type"] not in ALGORITHM_TYPES:
+        raise unsupported("algorithm_type", "ddpm_fast's solver is DPM-Solver++ (data prediction), without or with "
+                                            "noise: 'dpmsolver++' or 'sde-dpmsolver++'")
+    if not _one_of(c["solver_type"], SOLVER_TYPES):
+        raise unsupported("solver_type", f"ddpm_fast reads {', '.join(map(repr, SOLVER_TYPES))}")
+    if check_int(f"{where}: solver_order", c["solver_order"]) not in (1, 2, 3):
+        raise unsupported("solver_order", "ddpm_fast's DPM-Solver++ has orders 1, 2 and 3")
     for key in _OTHER_SIGMAS:
         if flag(key):
             raise unsupported(key, "ddpm_fast's DPM-Solver++ runs on the schedule's noise levels or on Karras "
@@ -240,7 +245,8 @@ def _solver_from_diffusers(c, where, unsupported, flag, betas):
                                            "own cosine schedule: drop trained_betas, or use beta_schedule='linear' "
                                            "(inert with trained_betas)")
     return dict(order=c["solver_order"], lower_order_final=flag("lower_order_final"), karras_sigmas=karras,
-                final_sigma=c["final_sigmas_type"])
+                final_sigma=c["final_sigmas_type"], sde=ALGORITHM_TYPES[c["algorithm_type"]],
+                solver_type=c["solver_type"])
 
 
 # Keyword arguments of GaussianDiffusion that do not define the noise process.
@@ -307,7 +313,7 @@ def scheduler_config_to_diffusers(diffusion):
     if not isinstance(diffusion, GaussianDiffusion):
         raise TypeError(f"diffusion must be a ddpm_fast GaussianDiffusion, got {describe(diffusion)}")
     defaults, solver_defaults = diffusion.sampler_defaults, SamplerDefaults()
-    for field in ("order", "lower_order_final", "karras_sigmas", "final_sigma"):
+    for field in ("order", "lower_order_final", "karras_sigmas", "final_sigma", "sde", "solver_type"):
         if getattr(defaults, field) != getattr(solver_defaults, field):
             raise DiffusersFormatError(
                 f"a DDPMScheduler config cannot express sampler_defaults.{field}={getattr(defaults, field)!r}: it "

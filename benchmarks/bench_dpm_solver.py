@@ -1,9 +1,11 @@
 """DPM-Solver++ (2M): the fused step and whole 20-step loops against diffusers' DPMSolverMultistepScheduler.
 
-Step: one second-order multistep update on the same tensors. diffusers: ``scheduler.step``
-(model-output conversion, the midpoint update, its bookkeeping), with the scheduler reset to
-the same mid-loop state before every call; fused: ``ops.dpm_solver_step`` (reads x, the model
-output and the previous x0, writes x_next and the new x0). Minimal bytes: 3 reads, 2 writes.
+Step: one multistep update on the same tensors, second order (2M) and third order (3M).
+diffusers: ``scheduler.step`` (model-output conversion, the update, its bookkeeping), with the
+scheduler reset to the same mid-loop state before every call; fused: ``ops.sampler_step`` with
+the solver's rows as an [N, 8] table (2M reads x, the model output and h1 = the previous x0,
+writes x_next and the new x0: 3 reads, 2 writes; 3M reads h2 too: 4 reads, 2 writes). The 3M
+table adds an h2 weight to the 2M rows: the cost does not depend on the values.
 
 Loop: 20 steps from the same x_T with a constant model (the solver's own cost), diffusers'
 ``set_timesteps`` + ``step`` loop against ``dpm_solver_sample_loop``; and the same loop with a
@@ -19,7 +21,7 @@ import torch
 
 from conftest import (DEVICE, FUSED_PROVIDERS, ON_GPU, assert_close, check_layout, cycle, make_tensor,
                       provider_skip_reason, rotation_count, run_benchmark)
-from ddpm_fast import GaussianDiffusion, ops, reference
+from ddpm_fast import GaussianDiffusion, ops, reference, schedules
 from ddpm_fast.nn import UNet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
@@ -31,8 +33,8 @@ LAYOUTS = ["contiguous", "channels_last"]
 MID_LOOP = 10  # the step index timed: a second-order step with a previous x0
 
 
-def _scheduler():
-    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000)
+def _scheduler(order=2):
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=1000, solver_order=order)
     scheduler.set_timesteps(NUM_STEPS, device=DEVICE)
     return scheduler
 
@@ -49,42 +51,50 @@ def _step_params():
     return params
 
 
+@pytest.mark.parametrize("order", [2, 3], ids=["2m", "3m"])
 @pytest.mark.parametrize("provider, shape, dtype, layout", _step_params())
-def test_dpm_solver_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
-    nbytes = 5 * torch.Size(shape).numel() * dtype.itemsize
+def test_dpm_solver_step(benchmark, copy_bandwidth, provider, shape, dtype, layout, order):
+    nbytes = (order + 3) * torch.Size(shape).numel() * dtype.itemsize
     generator = torch.Generator(DEVICE).manual_seed(0)
-    sets = [tuple(make_tensor(shape, dtype, layout, generator) for _ in range(3))
+    sets = [tuple(make_tensor(shape, dtype, layout, generator) for _ in range(order + 1))
             for _ in range(rotation_count(nbytes))]
     next_set = cycle(sets)
-    scheduler = _scheduler()
+    scheduler = _scheduler(order)
     timestep = scheduler.timesteps[MID_LOOP]
 
     if provider == "diffusers":
         def fn():
-            x, model_output, x0_prev = next_set()
-            scheduler._step_index, scheduler.lower_order_nums = MID_LOOP, 2
-            scheduler.model_outputs = [x0_prev, x0_prev]
+            x, model_output, *earlier = next_set()
+            scheduler._step_index, scheduler.lower_order_nums = MID_LOOP, order
+            # step() shifts the list left, then appends the new x0: the last two entries are h2, h1.
+            scheduler.model_outputs = [earlier[0], earlier[1], earlier[0]] if order == 3 else [earlier[0]] * 2
             return scheduler.step(model_output, timestep, x).prev_sample
     else:
-        diffusion = GaussianDiffusion(betas=scheduler.betas.double())
-        _, rows = diffusion.dpm_solver_plan(NUM_STEPS)
-        table = rows.to(DEVICE, torch.float32)
+        _, sigmas = schedules.dpm_solver_timesteps(scheduler.alphas_cumprod.double(), NUM_STEPS)
+        rows = schedules.dpm_solver_step_rows(sigmas, 2, True, "epsilon")  # diffusers' defaults
+        table = reference.sampler_table_from_legacy(rows, previous_x0=True)
+        if order == 3:
+            table[:, reference.OUT_FROM_H2] = -0.5 * table[:, reference.OUT_FROM_H1]
+        table = table.to(DEVICE, torch.float32)
         index = torch.full((shape[0],), MID_LOOP, device=DEVICE)
 
         def fn():
-            x, model_output, x0_prev = next_set()
-            return ops.dpm_solver_step(x, model_output, x0_prev, index, table, backend=provider), x, model_output, \
-                x0_prev
+            x, model_output, h1, *h2 = next_set()
+            h2 = h2[0] if h2 else None
+            return (ops.sampler_step(x, model_output, index, table, h1=h1, h2=h2, store_x0=True, backend=provider),
+                    x, model_output, h1, h2)
 
-    info = dict(op="dpm_solver_step", provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
-                layout=layout, buffers=len(sets), group=f"dpm_solver_step {'x'.join(map(str, shape))} {dtype} {layout}")
+    op = f"dpm_solver_{order}m_step" if order == 3 else "dpm_solver_step"
+    info = dict(op=op, provider=provider, shape=list(shape), dtype=str(dtype).replace("torch.", ""),
+                layout=layout, buffers=len(sets), group=f"{op} {'x'.join(map(str, shape))} {dtype} {layout}")
     out = run_benchmark(benchmark, fn, info=info, nbytes=nbytes, copy_gbps=copy_bandwidth)
     if provider != "diffusers" and out is not None:
-        (x_next, x0), x, model_output, x0_prev = out
+        (x_next, x0), x, model_output, h1, h2 = out
         check_layout(x_next, layout)
-        expected, _ = reference.dpm_solver_step(x.double(), model_output.double(), x0_prev.double(), index,
-                                                table.double())
-        assert_close(x_next, expected)
+        expected = reference.sampler_step(x.double(), model_output.double(), index, table.double(), h1=h1.double(),
+                                          h2=None if h2 is None else h2.double(), store_x0=True)
+        assert_close(x_next, expected[0])
+        assert_close(x0, expected[1])
 
 
 # ----------------------------------------------------------------------------- whole loops

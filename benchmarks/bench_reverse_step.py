@@ -1,8 +1,13 @@
 """The sampling steps after the model call: the DDPM reverse step and the DDIM step.
 
+The fused side is ``ops.sampler_step`` with the [T, 8] table each sampler builds
+(``reference.sampler_table_from_legacy`` of the DDPM / DDIM rows).
+
 Reverse step: the seed's ``p_sample`` arithmetic (``p_mean_variance`` after the model call,
 ``torch.randn_like``, the t == 0 mask) against the fused op drawing z in-kernel. Minimal bytes:
-read x_t and the model output, write x_{t-1}.
+read x_t and the model output, write x_{t-1}. Guided: the same with classifier-free guidance,
+the eager side mixing the two halves of a [2B, ...] model output first; minimal bytes: read x_t
+and both halves, write x_{t-1}.
 
 DDIM step (eta = 0, 50 of 1000 timesteps): the improved-diffusion expression
 x_prev = sqrt(abar_prev) x0 + sqrt(1 - abar_prev) eps with the seed's ``_extract`` gathers,
@@ -19,6 +24,7 @@ from ddpm_fast.ops._common import draw_seed
 
 NUM_TIMESTEPS = 1000
 DDIM_STRIDE = NUM_TIMESTEPS // 50
+GUIDANCE_SCALE = 7.5
 
 
 def seed_reverse_step(diffusion, x_t, model_output, t):
@@ -35,13 +41,31 @@ def eager_ddim_step(alphas_cumprod, alphas_cumprod_prev, x_t, model_output, t):
     return torch.sqrt(alpha_bar_prev) * pred_x0 + torch.sqrt(1 - alpha_bar_prev) * model_output
 
 
+def guided_seed_reverse_step(diffusion, x_t, model_output, t, scale=GUIDANCE_SCALE):
+    """Classifier-free guidance as the pipelines write it, then the seed's p_sample."""
+    cond, uncond = model_output.chunk(2)
+    return seed_reverse_step(diffusion, x_t, uncond + scale * (cond - uncond), t)
+
+
+def ddpm_table():
+    """The DDPM sampler's [T, 8] table (epsilon prediction, posterior variance, sigma_0 = 0), float32."""
+    q = schedules.diffusion_quantities(schedules.linear_betas(NUM_TIMESTEPS))
+    sigma = q["posterior_variance"].sqrt().clone()
+    sigma[0] = 0.0
+    x0_from_xt, x0_from_model = schedules.x0_coefficients(q["alphas_cumprod"], "epsilon")
+    legacy = torch.stack([x0_from_xt, x0_from_model, q["posterior_mean_coef1"], q["posterior_mean_coef2"], sigma], 1)
+    return reference.sampler_table_from_legacy(legacy).to(DEVICE, torch.float32)
+
+
 compiled_seed_reverse_step = torch.compile(seed_reverse_step, dynamic=False)
+compiled_guided_seed_reverse_step = torch.compile(guided_seed_reverse_step, dynamic=False)
 compiled_eager_ddim_step = torch.compile(eager_ddim_step, dynamic=False)
 
 
-def _input_sets(shape, dtype, layout, nbytes):
+def _input_sets(shape, dtype, layout, nbytes, guided=False):
     generator = torch.Generator(DEVICE).manual_seed(0)
-    sets = [(make_tensor(shape, dtype, layout, generator), make_tensor(shape, dtype, layout, generator),
+    model_shape = (2 * shape[0], *shape[1:]) if guided else shape
+    sets = [(make_tensor(shape, dtype, layout, generator), make_tensor(model_shape, dtype, layout, generator),
              torch.randint(0, NUM_TIMESTEPS, (shape[0],), device=DEVICE, generator=generator))
             for _ in range(rotation_count(nbytes))]
     return sets
@@ -52,37 +76,48 @@ def _info(op, provider, shape, dtype, layout, buffers):
                 layout=layout, buffers=buffers, group=f"{op} {'x'.join(map(str, shape))} {dtype} {layout}")
 
 
-@pytest.mark.parametrize("provider, shape, dtype, layout", case_params(STEP_SHAPES, COMPILE_SHAPES["step"]))
-def test_reverse_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
-    nbytes = 3 * torch.Size(shape).numel() * dtype.itemsize
-    sets = _input_sets(shape, dtype, layout, nbytes)
+def _reverse_step(benchmark, copy_bandwidth, op, provider, shape, dtype, layout, guided):
+    nbytes = (4 if guided else 3) * torch.Size(shape).numel() * dtype.itemsize
+    sets = _input_sets(shape, dtype, layout, nbytes, guided)
     next_set = cycle(sets)
 
     if provider in ("seed_eager", "torch_compile"):
         diffusion = seed_reference.GaussianDiffusion(NUM_TIMESTEPS, device=str(DEVICE))
-        expression = seed_reverse_step if provider == "seed_eager" else compiled_seed_reverse_step
+        expression = {(False, "seed_eager"): seed_reverse_step, (False, "torch_compile"): compiled_seed_reverse_step,
+                      (True, "seed_eager"): guided_seed_reverse_step,
+                      (True, "torch_compile"): compiled_guided_seed_reverse_step}[guided, provider]
 
         def fn():
             x_t, model_output, t = next_set()
             return expression(diffusion, x_t, model_output, t)
     else:
-        quantities = schedules.diffusion_quantities(schedules.linear_betas(NUM_TIMESTEPS))
-        table = schedules.reverse_step_table(quantities, "epsilon", "posterior").to(DEVICE, torch.float32)
+        table = ddpm_table()
+        table[:, reference.GUIDANCE_SCALE] = GUIDANCE_SCALE
 
         def fn():
             x_t, model_output, t = next_set()
             seed = draw_seed(DEVICE)
-            out = ops.reverse_step(x_t, model_output, t, table, seed=seed, backend=provider)
+            out, _ = ops.sampler_step(x_t, model_output, t, table, seed=seed, backend=provider)
             return out, x_t, model_output, t, seed
 
-    out = run_benchmark(benchmark, fn, info=_info("reverse_step", provider, shape, dtype, layout, len(sets)),
+    out = run_benchmark(benchmark, fn, info=_info(op, provider, shape, dtype, layout, len(sets)),
                         nbytes=nbytes, copy_gbps=copy_bandwidth)
     if provider not in ("seed_eager", "torch_compile"):
         out, x_t, model_output, t, seed = out
         check_layout(out, layout)
         noise = reference.philox_normal_like(x_t, int(seed)).double()
-        assert_close(out, reference.reverse_step(x_t.double(), model_output.double(), t, table.double(),
-                                                 noise=noise))
+        assert_close(out, reference.sampler_step(x_t.double(), model_output.double(), t, table.double(),
+                                                 noise=noise)[0])
+
+
+@pytest.mark.parametrize("provider, shape, dtype, layout", case_params(STEP_SHAPES, COMPILE_SHAPES["step"]))
+def test_reverse_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
+    _reverse_step(benchmark, copy_bandwidth, "reverse_step", provider, shape, dtype, layout, False)
+
+
+@pytest.mark.parametrize("provider, shape, dtype, layout", case_params(STEP_SHAPES[:1], COMPILE_SHAPES["step"]))
+def test_guided_reverse_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
+    _reverse_step(benchmark, copy_bandwidth, "guided_reverse_step", provider, shape, dtype, layout, True)
 
 
 def _ddim_quantities():
@@ -108,15 +143,16 @@ def test_ddim_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
             x_t, model_output, t = next_set()
             return expression(abar32, abar_prev32, x_t, model_output, t)
     else:
-        table = schedules.ddim_step_rows(abar, abar_prev, 0.0, "epsilon").to(DEVICE, torch.float32)
+        rows = schedules.ddim_step_rows(abar, abar_prev, 0.0, "epsilon")
+        table = reference.sampler_table_from_legacy(rows).to(DEVICE, torch.float32)
 
         def fn():
             x_t, model_output, t = next_set()
-            return ops.ddim_step(x_t, model_output, t, table, backend=provider), x_t, model_output, t
+            return ops.sampler_step(x_t, model_output, t, table, backend=provider)[0], x_t, model_output, t
 
     out = run_benchmark(benchmark, fn, info=_info("ddim_step", provider, shape, dtype, layout, len(sets)),
                         nbytes=nbytes, copy_gbps=copy_bandwidth)
     if provider not in ("seed_eager", "torch_compile"):
         out, x_t, model_output, t = out
         check_layout(out, layout)
-        assert_close(out, reference.ddim_step(x_t.double(), model_output.double(), t, table.double()))
+        assert_close(out, reference.sampler_step(x_t.double(), model_output.double(), t, table.double())[0])

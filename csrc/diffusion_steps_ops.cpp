@@ -1,6 +1,6 @@
-// torch.ops.ddpm_fast.{q_sample, reverse_step, ddim_step, dpm_solver_step}: schemas, input checks,
-// and the CPU and CUDA implementations (fake impls and autograd are registered from Python, in
-// ddpm_fast/ops/diffusion_steps.py). The kernels take raw pointers; this file checks every
+// torch.ops.ddpm_fast.{q_sample, sampler_step}: schemas, input checks, and the CPU and CUDA
+// implementations (fake impls and autograd are registered from Python, in
+// ddpm_fast/ops/diffusion_steps.py and ddpm_fast/ops/sampler_step.py). The kernels take raw pointers; this file checks every
 // tensor first so that a bad input is a Python ValueError/TypeError, never an out-of-bounds read.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -133,56 +133,57 @@ QSampleCall prepare_q_sample(const Tensor& x_start, const Tensor& t, const Tenso
   return call;
 }
 
-struct StepCall {
-  StepArgs args;
-  Tensor out;
-  Tensor x0;  // the DPM-Solver++ step's second output
-};
-
-// Argument names of a step op, for its messages.
-struct StepNames {
-  const char* x;      // x_t
-  const char* t;      // the table row index of each batch element
-  const char* noise;  // z
-};
-constexpr StepNames kReverseStepNames{"x_t", "t", "noise"};
-constexpr StepNames kDpmSolverStepNames{"x", "index", "x0_prev"};
-
-StepCall prepare_step(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& table,
-                      bool clip_denoised, const OptTensor& noise, const OptTensor& seed,
-                      const StepNames& names = kReverseStepNames) {
-  StepCall call;
-  StepArgs& a = call.args;
-  a.dtype = kernel_dtype(x_t, names.x);
-  check_batch_dense(x_t, names.x);
-  check_like(model_output, "model_output", x_t, names.x);
-  check_table(table, kStepColumns, x_t);
-  TORCH_CHECK_VALUE(!(noise.has_value() && seed.has_value()),
-                    "give at most one of noise (given noise) and seed (noise drawn in-kernel)");
-  a.noise = check_noise(noise, x_t, names.x, names.noise);
-  a.seed = check_seed(seed, x_t);
-  a.num_timesteps = table.size(0);
-  const Tensor tc = check_timesteps(t, x_t, a.num_timesteps, names.t);
-  call.out = at::empty_like(x_t);
-  a.x0_out = nullptr;
-  a.x_t = x_t.const_data_ptr();
-  a.model_output = model_output.const_data_ptr();
-  a.t = tc.const_data_ptr<int64_t>();
-  a.table = table.const_data_ptr<float>();
-  a.out = call.out.mutable_data_ptr();
-  a.clip_denoised = clip_denoised;
-  a.numel = x_t.numel();
-  a.per_batch = a.numel / x_t.size(0);
-  return call;
+// model_output: x's shape, dtype, device and layout, or (guided) [2B, ...] with each half so.
+void check_model_output(const Tensor& m, const Tensor& x) {
+  if (m.dim() != x.dim() || m.size(0) != 2 * x.size(0) || m.sizes().slice(1) != x.sizes().slice(1)) {
+    return check_like(m, "model_output", x, "x");
+  }
+  TORCH_CHECK_TYPE(m.scalar_type() == x.scalar_type(), "model_output must have the dtype of x (", x.scalar_type(),
+                   "), got ", m.scalar_type());
+  TORCH_CHECK_VALUE(m.device() == x.device(), "model_output must be on x's device (", x.device(), "), got ",
+                    m.device());
+  check_batch_dense(m, "model_output");
+  for (int64_t d = 1; d < x.dim(); ++d) {
+    TORCH_CHECK_VALUE(x.size(d) <= 1 || m.stride(d) == x.stride(d), "model_output (guided, [", m.size(0),
+                      ", ...]) must have the memory layout of x (strides ", x.strides(), "), got strides ",
+                      m.strides());
+  }
 }
 
-// The DPM-Solver++ step is the step with the previous x0 as the given z and x0 as a second output.
-StepCall prepare_dpm_solver_step(const Tensor& x, const Tensor& model_output, const OptTensor& x0_prev,
-                                 const Tensor& index, const Tensor& table, bool clip_denoised) {
-  StepCall call = prepare_step(x, model_output, index, table, clip_denoised, x0_prev, std::nullopt,
-                               kDpmSolverStepNames);
-  call.x0 = at::empty_like(x);
-  call.args.x0_out = call.x0.mutable_data_ptr();
+struct StepCall {
+  StepArgs args;
+  Tensor out, x0;
+};
+
+StepCall prepare_sampler_step(const Tensor& x, const Tensor& model_output, const Tensor& index, const Tensor& table,
+                              bool clip_denoised, const OptTensor& h1, const OptTensor& h2, const OptTensor& noise,
+                              const OptTensor& seed, bool store_x0) {
+  StepCall call;
+  StepArgs& a = call.args;
+  a.dtype = kernel_dtype(x, "x");
+  check_batch_dense(x, "x");
+  check_model_output(model_output, x);
+  check_table(table, kStepColumns, x);
+  TORCH_CHECK_VALUE(!(noise.has_value() && seed.has_value()),
+                    "give at most one of noise (given noise) and seed (noise drawn in-kernel)");
+  a.h1 = check_noise(h1, x, "x", "h1");
+  a.h2 = check_noise(h2, x, "x", "h2");
+  a.noise = check_noise(noise, x, "x");
+  a.seed = check_seed(seed, x);
+  a.num_rows = table.size(0);
+  const Tensor index_c = check_timesteps(index, x, a.num_rows, "index");
+  call.out = at::empty_like(x);
+  call.x0 = store_x0 ? at::empty_like(x) : at::empty({0}, x.options());
+  a.x = x.const_data_ptr();
+  a.model_output = model_output.const_data_ptr();
+  a.index = index_c.const_data_ptr<int64_t>();
+  a.table = table.const_data_ptr<float>();
+  a.out = call.out.mutable_data_ptr();
+  a.x0_out = store_x0 ? call.x0.mutable_data_ptr() : nullptr;
+  a.numel = x.numel();
+  a.per_batch = a.numel / x.size(0);
+  a.guided = model_output.size(0) != x.size(0);
+  a.clip_denoised = clip_denoised;
   return call;
 }
 
@@ -195,18 +196,12 @@ std::tuple<Tensor, Tensor> q_sample_cpu_op(const Tensor& x_start, const Tensor& 
   return {call.out, call.drawn};
 }
 
-Tensor step_cpu_op(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& table,
-                   bool clip_denoised, const OptTensor& noise, const OptTensor& seed) {
-  StepCall call = prepare_step(x_t, model_output, t, table, clip_denoised, noise, seed);
-  step_cpu(call.args);
-  return call.out;
-}
-
-std::tuple<Tensor, Tensor> dpm_solver_step_cpu_op(const Tensor& x, const Tensor& model_output,
-                                                  const OptTensor& x0_prev, const Tensor& index,
-                                                  const Tensor& table, bool clip_denoised) {
-  StepCall call = prepare_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised);
-  step_cpu(call.args);
+std::tuple<Tensor, Tensor> sampler_step_cpu_op(const Tensor& x, const Tensor& model_output, const Tensor& index,
+                                               const Tensor& table, bool clip_denoised, const OptTensor& h1,
+                                               const OptTensor& h2, const OptTensor& noise, const OptTensor& seed,
+                                               bool store_x0) {
+  StepCall call = prepare_sampler_step(x, model_output, index, table, clip_denoised, h1, h2, noise, seed, store_x0);
+  sampler_step_cpu(call.args);
   return {call.out, call.x0};
 }
 
@@ -223,22 +218,14 @@ std::tuple<Tensor, Tensor> q_sample_cuda_op(const Tensor& x_start, const Tensor&
   return {call.out, call.drawn};
 }
 
-Tensor step_cuda_op(const Tensor& x_t, const Tensor& model_output, const Tensor& t, const Tensor& table,
-                    bool clip_denoised, const OptTensor& noise, const OptTensor& seed) {
-  const c10::DeviceGuard guard(x_t.device());
-  StepCall call = prepare_step(x_t, model_output, t, table, clip_denoised, noise, seed);
-  const char* error = step_cuda(call.args, cuda_stream(x_t.device()));
-  TORCH_CHECK(error == nullptr, "ddpm_fast::reverse_step / ddim_step: CUDA kernel launch failed: ", error);
-  return call.out;
-}
-
-std::tuple<Tensor, Tensor> dpm_solver_step_cuda_op(const Tensor& x, const Tensor& model_output,
-                                                   const OptTensor& x0_prev, const Tensor& index,
-                                                   const Tensor& table, bool clip_denoised) {
+std::tuple<Tensor, Tensor> sampler_step_cuda_op(const Tensor& x, const Tensor& model_output, const Tensor& index,
+                                                const Tensor& table, bool clip_denoised, const OptTensor& h1,
+                                                const OptTensor& h2, const OptTensor& noise, const OptTensor& seed,
+                                                bool store_x0) {
   const c10::DeviceGuard guard(x.device());
-  StepCall call = prepare_dpm_solver_step(x, model_output, x0_prev, index, table, clip_denoised);
-  const char* error = dpm_solver_step_cuda(call.args, cuda_stream(x.device()));
-  TORCH_CHECK(error == nullptr, "ddpm_fast::dpm_solver_step: CUDA kernel launch failed: ", error);
+  StepCall call = prepare_sampler_step(x, model_output, index, table, clip_denoised, h1, h2, noise, seed, store_x0);
+  const char* error = sampler_step_cuda(call.args, cuda_stream(x.device()));
+  TORCH_CHECK(error == nullptr, "ddpm_fast::sampler_step: CUDA kernel launch failed: ", error);
   return {call.out, call.x0};
 }
 #endif
@@ -248,28 +235,19 @@ std::tuple<Tensor, Tensor> dpm_solver_step_cuda_op(const Tensor& x, const Tensor
 
 DDPM_FAST_LIBRARY(m) {
   m.def("q_sample(Tensor x_start, Tensor t, Tensor table, Tensor? noise, Tensor? seed) -> (Tensor, Tensor)");
-  m.def("reverse_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, bool clip_denoised, "
-        "Tensor? noise, Tensor? seed) -> Tensor");
-  // The DDIM step is the same kernel with another table.
-  m.def("ddim_step(Tensor x_t, Tensor model_output, Tensor t, Tensor table, bool clip_denoised, "
-        "Tensor? noise, Tensor? seed) -> Tensor");
-  // The step kernel again, with the previous x0 in the place of the noise and x0 as a second output.
-  m.def("dpm_solver_step(Tensor x, Tensor model_output, Tensor? x0_prev, Tensor index, Tensor table, "
-        "bool clip_denoised) -> (Tensor, Tensor)");
+  // One step of every sampler: the rows of the [R, 8] table say which (ddpm_fast/reference.py).
+  m.def("sampler_step(Tensor x, Tensor model_output, Tensor index, Tensor table, bool clip_denoised, Tensor? h1, "
+        "Tensor? h2, Tensor? noise, Tensor? seed, bool store_x0) -> (Tensor, Tensor)");
 }
 
 DDPM_FAST_CPU_KERNELS(m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cpu_op);
-  m.impl("reverse_step", &ddpm_fast::step_cpu_op);
-  m.impl("ddim_step", &ddpm_fast::step_cpu_op);
-  m.impl("dpm_solver_step", &ddpm_fast::dpm_solver_step_cpu_op);
+  m.impl("sampler_step", &ddpm_fast::sampler_step_cpu_op);
 }
 
 #ifdef DDPM_FAST_WITH_CUDA
 DDPM_FAST_CUDA_KERNELS(m) {
   m.impl("q_sample", &ddpm_fast::q_sample_cuda_op);
-  m.impl("reverse_step", &ddpm_fast::step_cuda_op);
-  m.impl("ddim_step", &ddpm_fast::step_cuda_op);
-  m.impl("dpm_solver_step", &ddpm_fast::dpm_solver_step_cuda_op);
+  m.impl("sampler_step", &ddpm_fast::sampler_step_cuda_op);
 }
 #endif

@@ -114,7 +114,7 @@ def cuda_emulation(source_dir=None, verbose=False):
 
     ``source_dir``: a csrc/ folder (default: the project's own, see :func:`default_source_dir`).
     Returns a namespace with one entry per op of ``torch.ops.ddpm_fast_emulated`` (q_sample,
-    reverse_step, ...: every op the bindings register), the same schemas as
+    sampler_step, ...: every op the bindings register), the same schemas as
     ``torch.ops.ddpm_fast``, computing on CPU tensors. A kernel failure (``__trap()``, a
     misaligned or out-of-bounds access, a barrier or shuffle misuse) raises RuntimeError with the
     launch error. Raises :class:`EmulationUnavailable` when the build cannot be made here.

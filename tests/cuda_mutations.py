@@ -20,6 +20,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GNS = "cuda/group_norm_silu.cu"
 STEPS = "cuda/diffusion_steps.cu"
+STEP_H = "include/ddpm_fast/diffusion_steps.h"
 
 # name: (file under csrc/, text, replacement); the text must occur exactly once.
 MUTATIONS = {
@@ -67,24 +68,45 @@ MUTATIONS = {
     "backward_reduce: c2 from the dbeta sums": (GNS, "    c2[t] = bsum / d;", "    c2[t] = a / d;"),
     "steps: vector path taken on misaligned pointers": (
         STEPS, "{ return p == nullptr || reinterpret_cast<uintptr_t>(p) % bytes == 0; }", "{ return true; }"),
-    "steps: scalar tail bound e <= numel in for_each_in_group": (
-        STEPS, "    if (e < numel) {\n      if (e >= batch_end) {",
-        "    if (e <= numel) {\n      if (e >= batch_end) {"),
-    "steps: the table row not looked up again after a batch boundary": (
-        STEPS, "      if (e >= batch_end) {", "      if (row == nullptr) {"),
-    "steps: no range check of t (no __trap)": (
-        STEPS, "  if (tb < 0 || tb >= num_timesteps) __trap();\n", ""),
-    "steps: range check misses t == num_timesteps": (
-        STEPS, "  if (tb < 0 || tb >= num_timesteps) __trap();", "  if (tb < 0 || tb > num_timesteps) __trap();"),
-    "steps: Philox counter off by one group (reverse step)": (
+    "sampler step: vector path on a misaligned unconditional half (m_u not checked)": (
+        STEPS, "aligned(m_u, bytes) && ", ""),
+    "sampler step: scalar tail bound e <= numel in for_each_in_group": (
+        STEPS, "    if (e < numel) {\n      if (e >= batch_end) {", "    if (e <= numel) {\n      if (e >= batch_end) {"),
+    "sampler step: tail group deleted (numel / 4 groups)": (
+        STEPS, "static_cast<uint64_t>(*a.seed) : 0;\n  const int64_t groups = (a.numel + 3) / 4;\n  for (int64_t g"
+        " = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;\n       g += static_cast<int64_t>"
+        "(gridDim.x) * kThreads) {\n    const int64_t i = g * 4;\n    float xv[4], mc[4]",
+        "static_cast<uint64_t>(*a.seed) : 0;\n  const int64_t groups = a.numel / 4;\n  for (int64_t g"
+        " = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;\n       g += static_cast<int64_t>"
+        "(gridDim.x) * kThreads) {\n    const int64_t i = g * 4;\n    float xv[4], mc[4]"),
+    "sampler step: the table row not looked up again after a batch boundary": (
+        STEPS, "      if (e >= batch_end) {", "      if (k == 0) {"),
+    "sampler step: no range check of the index (no __trap)": (
+        STEPS, "  if (tb < 0 || tb >= num_rows) __trap();\n", ""),
+    "sampler step: range check misses index == num_rows": (
+        STEPS, "  if (tb < 0 || tb >= num_rows) __trap();", "  if (tb < 0 || tb > num_rows) __trap();"),
+    "sampler step: Philox counter off by one group": (
         STEPS, "if (kNoise == kDrawnNoise) drawn_normals<T>(seed, g, z);",
         "if (kNoise == kDrawnNoise) drawn_normals<T>(seed, g + 1, z);"),
-    "steps: Philox key loses its high 32 bits": (
+    "sampler step: Philox key loses its high 32 bits": (
         STEPS, "const uint64_t seed = kNoise == kDrawnNoise ? static_cast<uint64_t>(*a.seed) : 0;",
         "const uint64_t seed = kNoise == kDrawnNoise ? static_cast<uint32_t>(*a.seed) : 0;"),
-    "steps: clip bound 1 -> 2 in the shared step formula": (
-        "include/ddpm_fast/diffusion_steps.h", "x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);",
-        "x0 = x0 < -1.0f ? -1.0f : (x0 > 2.0f ? 2.0f : x0);"),
+    "sampler step: unconditional half read at per_batch instead of numel": (
+        STEPS, "load4<T, kVec>(m + a.numel, i, a.numel, mu);", "load4<T, kVec>(m + a.per_batch, i, a.numel, mu);"),
+    "sampler step: h2 read from h1": (
+        STEPS, "load4<T, kVec>(static_cast<const T*>(a.h2), i, a.numel, h2);",
+        "load4<T, kVec>(static_cast<const T*>(a.h1), i, a.numel, h2);"),
+    "sampler step: x0 not stored": (
+        STEPS, "    if (a.x0_out != nullptr) store4<T, kVec>(static_cast<T*>(a.x0_out), i, a.numel, x0);\n", ""),
+    "shared step formula: guidance mixes from m_c instead of m_u": (
+        STEP_H, "m_u + c.guidance_scale * (m_c - m_u)", "m_c + c.guidance_scale * (m_c - m_u)"),
+    "shared step formula: guidance difference reversed": (
+        STEP_H, "m_u + c.guidance_scale * (m_c - m_u)", "m_u + c.guidance_scale * (m_u - m_c)"),
+    "shared step formula: h2 term missing": (STEP_H, "  if (terms.h2) out += c.out_from_h2 * h2;\n", ""),
+    "shared step formula: h2 weighted by the h1 column": (
+        STEP_H, "row[kOutFromH1],   row[kOutFromH2],", "row[kOutFromH1],   row[kOutFromH1],"),
+    "shared step formula: clip bound 1 -> 2": (
+        STEP_H, "x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);", "x0 = x0 < -1.0f ? -1.0f : (x0 > 2.0f ? 2.0f : x0);"),
 }
 
 

@@ -86,31 +86,68 @@ def _quantities():
     return schedules.diffusion_quantities(schedules.linear_betas(T))
 
 
-def _step_table(prediction_type="epsilon", variance_type="posterior"):
-    return schedules.reverse_step_table(_quantities(), prediction_type, variance_type).float()
+def _legacy_ddpm_rows(prediction_type="epsilon", variance_type="posterior"):
+    """[T, 5] rows of the DDPM step (reference.LEGACY_*); sigma_0 = 0."""
+    q = _quantities()
+    sigma = (q["posterior_variance"] if variance_type == "posterior" else q["betas"]).sqrt().clone()
+    sigma[0] = 0.0
+    x0_from_xt, x0_from_model = schedules.x0_coefficients(q["alphas_cumprod"], prediction_type)
+    return torch.stack([x0_from_xt, x0_from_model, q["posterior_mean_coef1"], q["posterior_mean_coef2"], sigma], 1)
 
 
-def _ddim_table(eta, prediction_type="epsilon", num_steps=50):
+def _legacy_ddim_rows(eta, prediction_type="epsilon", num_steps=50):
     """Rows k = 0 .. num_steps-1: the DDIM step from timestep k to k - 1 (k = 0: to x_0)."""
     abar = _quantities()["alphas_cumprod"]
     steps = schedules.ddim_timesteps(T, num_steps).flip(0)  # ascending
     prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[steps[:-1]]])
-    return schedules.ddim_step_rows(abar[steps], prev, eta, prediction_type).float()
+    return schedules.ddim_step_rows(abar[steps], prev, eta, prediction_type)
 
 
-def assert_matches_reference(out, ref_fn, inputs):
-    """out vs ref_fn(*inputs) in float64; fp16/bf16 within 2x the same-dtype reference's error."""
+def _legacy_dpm_rows(prediction_type="epsilon", num_steps=20):
+    _, sigmas = schedules.dpm_solver_timesteps(_quantities()["alphas_cumprod"], num_steps)
+    return schedules.dpm_solver_step_rows(sigmas, 2, False, prediction_type)
+
+
+def _sampler_table(sampler, guidance_scale=1.0, prediction_type="epsilon", variance_type="posterior"):
+    """A float32 [R, 8] sampler-step table as the sampler builds it (3M and SDE: plausible weights)."""
+    if sampler.startswith("ddpm"):
+        table = reference.sampler_table_from_legacy(_legacy_ddpm_rows(prediction_type, variance_type))
+    elif sampler.startswith("ddim"):
+        table = reference.sampler_table_from_legacy(_legacy_ddim_rows(0.0 if sampler == "ddim-eta0" else 1.0,
+                                                                      prediction_type))
+    else:
+        table = reference.sampler_table_from_legacy(_legacy_dpm_rows(prediction_type), previous_x0=True)
+        if sampler == "dpm-3m":  # x0 extrapolated from two earlier predictions
+            table[:, reference.OUT_FROM_H2] = -0.5 * table[:, reference.OUT_FROM_H1]
+            table[:, reference.OUT_FROM_H1] *= 2.0
+        if sampler == "sde-2m":
+            table[:, reference.OUT_FROM_Z] = 0.4 * table[:, reference.OUT_FROM_X]
+    table[:, reference.GUIDANCE_SCALE] = guidance_scale
+    return table.float()
+
+
+# Each sampler's call: (noise kind, h1 given, h2 given, store_x0).
+SAMPLERS = {"ddpm-given": ("given", False, False, False), "ddpm-drawn": ("drawn", False, False, False),
+            "ddim-eta0": ("none", False, False, False), "ddim-eta1": ("drawn", False, False, False),
+            "dpm-2m": ("none", True, False, True), "dpm-3m": ("none", True, True, True),
+            "sde-2m": ("drawn", True, False, True)}
+GUIDANCE_SCALE = 7.5
+
+
+def assert_matches_reference(out, ref_fn, inputs, scale=None):
+    """out vs ref_fn(*inputs) in float64; fp32 within 1e-6 of `scale` (default: the output's),
+    fp16/bf16 within 2x the same-dtype reference's error. Returns (error, reference's error)."""
     assert not torch.isnan(out).any(), "an output element was not written or read a NaN guard"
     as64 = [v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for v in inputs]
     ref64 = ref_fn(*as64)
-    scale = ref64.abs().max().item()
+    scale = ref64.abs().max().item() if scale is None else scale
     err = _max_err(out, ref64)
+    ref_err = _max_err(ref_fn(*inputs), ref64)  # tables are float32; the reference casts them to x's dtype
     if out.dtype == torch.float32:
         assert err <= 1e-6 * scale, f"fp32 error {err:.3g} exceeds 1e-6 x scale {scale:.3g}"
     else:
-        ref_err = _max_err(ref_fn(*inputs), ref64)  # tables are float32; the reference casts them to x's dtype
         assert err <= 2 * ref_err + 1e-6 * scale, f"{out.dtype} error {err:.3g} vs reference's {ref_err:.3g}"
-    return err
+    return err, ref_err
 
 
 def _drawn(x, seed=SEED):
@@ -139,69 +176,86 @@ def test_q_sample(emu, dtype, shape, layout, offset, noise_mode):
     assert_matches_reference(out, reference.q_sample, (x, t, table, noise))
 
 
-@pytest.mark.parametrize("noise_mode", ["given", "drawn", "none"])
-@pytest.mark.parametrize("offset", [ALIGNED, MISALIGNED], ids=["vector", "scalar"])
-@pytest.mark.parametrize("shape,layout", STEP_SHAPES, ids=STEP_IDS)
+# (shape, layout, storage offset): a tail group of 3 (147 elements, batch 1), groups of 4 crossing
+# a batch boundary (17 and 243 elements per batch), channels_last, 5-D, a 13-block grid. A guided
+# call takes the vector path only when numel % 4 == 0 (its m_u starts numel elements in).
+SAMPLER_CASES = [((1, 3, 7, 7), "contiguous", ALIGNED), ((3, 17), "contiguous", MISALIGNED),
+                 ((5, 3, 9, 9), "channels_last", ALIGNED), ((2, 2, 3, 5, 5), "contiguous", MISALIGNED),
+                 ((2, 4, 6, 6), "contiguous", ALIGNED), ((4, 3, 33, 33), "channels_last", ALIGNED)]
+SAMPLER_CASE_IDS = ["1x3x7x7-vector", "3x17-scalar", "5x3x9x9-cl-vector", "2x2x3x5x5-scalar", "2x4x6x6-vector",
+                    "4x3x33x33-cl-vector"]
+
+
+def _sampler_inputs(sampler, guided, shape, layout, dtype, offset, seed=0, **table_kw):
+    """The arguments of sampler_step after clip_denoised, as a dict (h1, h2, noise, seed: None when absent)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def tensor(batch=shape[0]):
+        return _guarded(_layout(torch.randn((batch, *shape[1:]), generator=g), layout).to(dtype), offset)
+
+    noise_kind, has_h1, has_h2, store_x0 = SAMPLERS[sampler]
+    x, m, h1, h2, noise = tensor(), tensor(2 * shape[0] if guided else shape[0]), tensor(), tensor(), tensor()
+    table = _sampler_table(sampler, guidance_scale=GUIDANCE_SCALE if guided else 1.0, **table_kw)
+    index = torch.randint(0, len(table), (shape[0],), generator=g)
+    index[0] = 0  # always the first row (DDPM: no noise) and the last one
+    if shape[0] > 1:
+        index[-1] = len(table) - 1
+    return dict(x=x, model_output=m, index=index, table=table, h1=h1 if has_h1 else None,
+                h2=h2 if has_h2 else None, noise=noise if noise_kind == "given" else None,
+                seed=torch.tensor([SEED]) if noise_kind == "drawn" else None, store_x0=store_x0)
+
+
+def _term_scales(x, m, index, table, h1, h2, z):
+    """Max over elements of the sum of |terms| of x0 and of x_out: what fp32 rounding is relative to."""
+    x, m, b = x.double(), m.double(), x.shape[0]
+    c = [col.abs() for col in reference._rows(table.double(), index, x)]
+    m_abs = m.abs() if m.shape[0] == b else m[b:].abs() + c[reference.GUIDANCE_SCALE] * (m[:b].abs() + m[b:].abs())
+    x0 = c[reference.X0_FROM_X] * x.abs() + c[reference.X0_FROM_MODEL] * m_abs
+    out = c[reference.OUT_FROM_X] * x.abs() + c[reference.OUT_FROM_X0] * x0
+    for column, term in ((reference.OUT_FROM_H1, h1), (reference.OUT_FROM_H2, h2), (reference.OUT_FROM_Z, z)):
+        if term is not None:
+            out = out + c[column] * term.double().abs()
+    return x0.max().item(), out.max().item()
+
+
+def check_sampler_step(op, inputs, clip):
+    """Runs op (an emulated or CPU sampler_step) and checks both outputs; returns [(err, ref_err)] of each."""
+    a = inputs
+    x = a["x"]
+    out, x0 = op(x, a["model_output"], a["index"], a["table"], clip, a["h1"], a["h2"], a["noise"], a["seed"],
+                 a["store_x0"])
+    z = _drawn(x) if a["seed"] is not None else a["noise"]
+    ref_inputs = (x, a["model_output"], a["index"], a["table"], clip, a["h1"], a["h2"], z, True)
+    scales = _term_scales(x, a["model_output"], a["index"], a["table"], a["h1"], a["h2"], z)
+    errors = []
+    for which, got in ((0, out), (1, x0)):
+        if which == 1 and not a["store_x0"]:
+            assert got.numel() == 0, "x0 must be empty without store_x0"
+            continue
+        assert got.dtype == x.dtype and got.shape == x.shape and got.stride() == x.stride()
+        errors.append(assert_matches_reference(got, lambda *r, w=which: reference.sampler_step(*r)[w], ref_inputs,
+                                               scales[1 - which]))
+    return errors
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+@pytest.mark.parametrize("shape,layout,offset", SAMPLER_CASES, ids=SAMPLER_CASE_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_reverse_and_ddim_step(emu, dtype, shape, layout, offset, noise_mode):
-    x, m, noise, t = _step_inputs(shape, layout, dtype, offset)
-    seed = torch.tensor([SEED])
-    given = noise if noise_mode == "given" else None
-    drawn_seed = seed if noise_mode == "drawn" else None
-    z = {"given": noise, "drawn": _drawn(x), "none": None}[noise_mode]
-    ddim_table = _ddim_table(eta=0.5)
-    for op, table, t_op in (("reverse_step", _step_table(), t), ("ddim_step", ddim_table, t % len(ddim_table))):
-        for clip in (False, True):
-            out = getattr(emu, op)(x, m, t_op, table, clip, given, drawn_seed)
-            assert out.dtype == dtype and out.stride() == x.stride()
-            assert_matches_reference(out, lambda *a: reference.reverse_step(*a[:4], clip, a[4]),
-                                     (x, m, t_op, table, z))
+def test_sampler_step(emu, dtype, shape, layout, offset, sampler, guided):
+    inputs = _sampler_inputs(sampler, guided, shape, layout, dtype, offset)
+    for clip in (False, True):
+        check_sampler_step(emu.sampler_step, inputs, clip)
 
 
 @pytest.mark.parametrize("prediction_type", schedules.PREDICTION_TYPES)
-@pytest.mark.parametrize("variance_type", schedules.VARIANCE_TYPES)
-def test_step_tables_of_every_parametrisation(emu, prediction_type, variance_type):
-    x, m, noise, t = _step_inputs((4, 3, 5, 5), "contiguous", torch.float32, ALIGNED)
-    tables = [("reverse_step", _step_table(prediction_type, variance_type), t)]
-    if variance_type == "posterior":  # the DDIM table has no variance type; once per prediction type
-        for eta in (0.0, 1.0):
-            tables.append(("ddim_step", _ddim_table(eta, prediction_type), t % 50))
-    for op, table, t_op in tables:
+def test_sampler_tables_of_every_parametrisation(emu, prediction_type):
+    for sampler, variance_type in (("ddpm-given", "posterior"), ("ddpm-given", "beta"), ("ddim-eta0", "posterior"),
+                                   ("ddim-eta1", "posterior"), ("dpm-2m", "posterior")):
+        inputs = _sampler_inputs(sampler, False, (4, 3, 5, 5), "contiguous", torch.float32, ALIGNED,
+                                 prediction_type=prediction_type, variance_type=variance_type)
         for clip in (False, True):
-            out = getattr(emu, op)(x, m, t_op, table, clip, noise, None)
-            assert_matches_reference(out, lambda *a: reference.reverse_step(*a[:4], clip, a[4]),
-                                     (x, m, t_op, table, noise))
-
-
-def _dpm_table(prediction_type, order):
-    from ddpm_fast import GaussianDiffusion
-
-    return GaussianDiffusion(prediction_type=prediction_type).dpm_solver_plan(20, order=order)[1].float()
-
-
-@pytest.mark.parametrize("first_step", [True, False], ids=["first", "later"])
-@pytest.mark.parametrize("offset", [ALIGNED, MISALIGNED], ids=["vector", "scalar"])
-@pytest.mark.parametrize("shape,layout", STEP_SHAPES, ids=STEP_IDS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_dpm_solver_step(emu, dtype, shape, layout, offset, first_step):
-    x, m, x0_prev, _ = _step_inputs(shape, layout, dtype, offset)
-    x0_prev = None if first_step else x0_prev
-    g = torch.Generator().manual_seed(1)
-    for prediction_type in schedules.PREDICTION_TYPES:
-        table = _dpm_table(prediction_type, order=2)
-        index = torch.randint(0, len(table), (shape[0],), generator=g)
-        for clip in (False, True):
-            out, x0 = emu.dpm_solver_step(x, m, x0_prev, index, table, clip)
-            assert out.stride() == x.stride() and x0.stride() == x.stride()
-            for got, which in ((out, 0), (x0, 1)):
-                # At high noise x0 = A x + B m cancels terms of size ~150 (epsilon prediction), so
-                # fp32 too is held to twice the fp32 reference's own error.
-                inputs = (x, m, x0_prev, index, table)
-                ref64 = reference.dpm_solver_step(*[v.double() if isinstance(v, torch.Tensor) and
-                                                    v.is_floating_point() else v for v in inputs], clip)[which]
-                ref_err = _max_err(reference.dpm_solver_step(*inputs, clip)[which].float(), ref64)
-                assert not torch.isnan(got).any()
-                assert _max_err(got, ref64) <= 2 * ref_err + 1e-7 * ref64.abs().max().item(), (prediction_type, clip)
+            check_sampler_step(emu.sampler_step, inputs, clip)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
@@ -210,15 +264,21 @@ def test_in_kernel_noise_is_the_cpu_kernels(emu, layout):
     x = _guarded(_layout(torch.zeros(3, 3, 9, 9), layout))  # 729 elements: a tail group
     t = torch.zeros(3, dtype=torch.long)
     table = torch.tensor([[0.0, 1.0]])  # x_t = noise
+    step_table = torch.tensor([[0.0] * 7 + [1.0]])  # x_out = z
     for seed in (SEED, -7, 3):  # -7: the high half of the key is 0xffffffff
         seed_tensor = torch.tensor([seed])
         out, drawn = emu.q_sample(x, t, table, None, seed_tensor)
         expected = reference.philox_normal_like(x, seed)
         assert (drawn - expected).abs().max() < 1e-5, "the emulated kernel's normals are not the reference's"
         torch.testing.assert_close(out, drawn, rtol=0, atol=0)
+        step_out, _ = emu.sampler_step(x, x, t, step_table, False, None, None, None, seed_tensor, False)
+        torch.testing.assert_close(step_out, drawn, rtol=0, atol=0)  # the step draws the same numbers
         if _ext.loaded:
             _, cpu_drawn = torch.ops.ddpm_fast.q_sample(x, t, table, None, seed_tensor)
             assert (drawn - cpu_drawn).abs().max() < 1e-5, "the CUDA kernel's normals are not the CPU kernel's"
+            cpu_step, _ = torch.ops.ddpm_fast.sampler_step(x, x, t, step_table, False, None, None, None, seed_tensor,
+                                                           False)
+            assert (step_out - cpu_step).abs().max() < 1e-5, "the CUDA step's normals are not the CPU step's"
 
 
 # A kernel that read the row of t = T or t = -1 would read just outside the table; a far-off t,
@@ -230,10 +290,14 @@ def test_out_of_range_t_is_a_launch_error(emu, bad_t):
     error = r"CUDA kernel launch failed: unspecified launch failure .*__trap\(\)"
     with pytest.raises(RuntimeError, match=error):
         emu.q_sample(x, t, schedules.q_sample_table(_quantities()).float(), noise, None)
-    for op in ("reverse_step", "ddim_step"):
-        for noise_args in ((noise, None), (None, torch.tensor([SEED])), (None, None)):
+    for sampler in SAMPLERS:
+        for guided in (False, True):
+            a = _sampler_inputs(sampler, guided, (3, 3, 4, 4), "contiguous", torch.float32, ALIGNED)
+            a["index"] = t.clamp(min=0) % len(a["table"])
+            a["index"][1] = len(a["table"]) if bad_t >= 0 else bad_t
             with pytest.raises(RuntimeError, match=error):
-                getattr(emu, op)(x, m, t, _step_table(), False, *noise_args)
+                emu.sampler_step(a["x"], a["model_output"], a["index"], a["table"], True, a["h1"], a["h2"],
+                                 a["noise"], a["seed"], a["store_x0"])
 
 
 # Tables whose rows end (and start) at a page boundary next to an unreadable page: a kernel that
@@ -266,18 +330,21 @@ _GUARD_PAGES = textwrap.dedent("""
 
     from ddpm_fast import testing
     emu = testing.cuda_emulation(sys.argv[2])
-    rows = mmap.PAGESIZE // 4  # [rows, 5] and [rows, 2] float32 are whole pages
-    step_table, _ = fenced_table(rows, 5)
-    q_table, _ = fenced_table(rows, 2)
+    q_rows, step_rows = mmap.PAGESIZE // 8, mmap.PAGESIZE // 32  # [rows, 2] and [rows, 8]: whole pages
+    q_table, _ = fenced_table(q_rows, 2)
+    step_table, _ = fenced_table(step_rows, 8)
     x = torch.randn(3, 4, 5)
-    good = torch.tensor([0, rows - 1, 1])
-    emu.q_sample(x, good, q_table, x, None)  # the first and last rows are readable
-    emu.reverse_step(x, x, good, step_table, False, None, None)
-    for bad in (rows, -1, 2**40):
-        t = torch.tensor([0, bad, rows - 1])
-        for call in (lambda: emu.q_sample(x, t, q_table, None, torch.tensor([1])),
-                     lambda: emu.reverse_step(x, x, t, step_table, True, x, None),
-                     lambda: emu.ddim_step(x, x, t, step_table, False, None, torch.tensor([1]))):
+    guided = torch.randn(6, 4, 5)
+    seed = torch.tensor([1])
+    emu.q_sample(x, torch.tensor([0, q_rows - 1, 1]), q_table, x, None)  # the first and last rows are readable
+    emu.sampler_step(x, guided, torch.tensor([0, step_rows - 1, 1]), step_table, False, x, x, None, seed, True)
+    for bad in ("last + 1", -1, 2**40):
+        t = torch.tensor([0, q_rows if bad == "last + 1" else bad, q_rows - 1])
+        index = torch.tensor([0, step_rows if bad == "last + 1" else bad, step_rows - 1])
+        for call in (lambda: emu.q_sample(x, t, q_table, None, seed),
+                     lambda: emu.sampler_step(x, x, index, step_table, True, None, None, x, None, False),
+                     lambda: emu.sampler_step(x, guided, index, step_table, False, x, x, None, seed, True),
+                     lambda: emu.sampler_step(x, x, index, step_table, False, x, None, None, None, True)):
             try:
                 call()
             except RuntimeError as error:
@@ -400,8 +467,9 @@ def test_results_do_not_depend_on_the_schedule(emu, monkeypatch):
         for shape, groups, layout in (((1, 96, 7, 7), 32, "contiguous"), ((2, 40, 3, 3), 5, "channels_last"),
                                       ((2, 8, 33, 33), 1, "contiguous")):
             outputs += _gns_run(emu, *_gns_inputs(shape, layout, torch.float32, True), groups)
-        x, m, noise, t = _step_inputs((4, 3, 33, 33), "channels_last", torch.float16, ALIGNED)
-        outputs.append(emu.reverse_step(x, m, t, _step_table(), True, None, torch.tensor([SEED])))
+        a = _sampler_inputs("sde-2m", True, (4, 3, 33, 33), "channels_last", torch.float16, ALIGNED)
+        outputs += emu.sampler_step(a["x"], a["model_output"], a["index"], a["table"], True, a["h1"], a["h2"],
+                                    a["noise"], a["seed"], a["store_x0"])
         runs.append(outputs)
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
@@ -437,8 +505,7 @@ def test_emulation_semantics(tmp_path):
 
 def test_every_cuda_op_is_emulated_with_its_schema(emu):
     names = set(vars(emu))
-    assert {"q_sample", "reverse_step", "ddim_step", "dpm_solver_step", "group_norm_silu",
-            "group_norm_silu_backward"} <= names
+    assert {"q_sample", "sampler_step", "group_norm_silu", "group_norm_silu_backward"} <= names
     for name in names:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"{testing.OP_NAMESPACE}::{name}", "CPU")
     if not _ext.loaded:

@@ -18,8 +18,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CU_SOURCES = sorted(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
 ARCHS = ("80", "90")
-EXTENSION_OPS = ("q_sample", "reverse_step", "ddim_step", "dpm_solver_step", "group_norm_silu",
-                 "group_norm_silu_backward")
+EXTENSION_OPS = ("q_sample", "sampler_step", "group_norm_silu", "group_norm_silu_backward")
 
 
 def _nvcc():

@@ -27,7 +27,7 @@ def test_extension_is_loaded_when_it_was_built():
     if not _build_info.EXTENSION:
         pytest.skip(f"installed without the extension: {_build_info.REASON}")
     assert _ext.loaded, f"the extension was built but is not used: {_ext.reason}"
-    for name in ("q_sample", "reverse_step", "ddim_step", "group_norm_silu", "group_norm_silu_backward"):
+    for name in ("q_sample", "sampler_step", "group_norm_silu", "group_norm_silu_backward"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"ddpm_fast::{name}", "CPU"), name
 
 

@@ -1,5 +1,4 @@
-// CPU kernels of q_sample and the reverse / DDIM / DPM-Solver++ step (declared in
-// diffusion_steps_kernels.h).
+// CPU kernels of q_sample and the sampler step (declared in diffusion_steps_kernels.h).
 //
 // The storage is cut into blocks of kBlock elements (a multiple of 4, so every block starts at
 // a Philox counter group) that at::parallel_for spreads over threads. Per block: draw or load
@@ -14,10 +13,12 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <array>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
 #include <type_traits>
+#include <utility>
 
 #include "ddpm_fast/diffusion_steps.h"
 #include "ddpm_fast/diffusion_steps_kernels.h"
@@ -302,72 +303,79 @@ void for_each_batch_segment(int64_t start, int64_t n, int64_t per_batch, const F
   }
 }
 
-// out[k] (and x0[k] with kStoreX0) for k in [begin, end); z == nullptr means z = 0.
-template <bool kClip, bool kStoreX0>
-void step_segment(const StepCoefficients& c, const float* x, const float* m, const float* z,
-                  float* out, float* x0, int64_t begin, int64_t end) {
-  if (z != nullptr) {
+// Float32 views of one block's tensors (nullptr: absent); m_u is the unconditional half.
+struct StepBlock {
+  const float *x, *m_c, *m_u, *h1, *h2, *z;
+  float *out, *x0;
+};
+
+// Flag bits of the step_segment specialisations: what the call has besides x and model_output.
+enum : int { kGuided = 1, kClip = 2, kH1 = 4, kH2 = 8, kZ = 16, kStoreX0 = 32, kStepVariants = 64 };
+
+// out[k] (and x0[k] with kStoreX0) for k in [begin, end): absent terms are neither read nor
+// computed, so each variant is one plain vectorised loop.
+template <int kFlags>
+void step_segment(const StepCoefficients& c, const StepBlock& p, int64_t begin, int64_t end) {
+  constexpr StepTerms terms{(kFlags & kGuided) != 0, (kFlags & kClip) != 0, (kFlags & kH1) != 0,
+                            (kFlags & kH2) != 0, (kFlags & kZ) != 0};
+  const float *x = p.x, *m_c = p.m_c, *m_u = p.m_u, *h1 = p.h1, *h2 = p.h2, *z = p.z;
+  float *out = p.out, *x0 = p.x0;
 #pragma omp simd
-    for (int64_t k = begin; k < end; ++k) {
-      const StepValues v = step_values(c, kClip, x[k], m[k], z[k]);
-      out[k] = v.out;
-      if constexpr (kStoreX0) x0[k] = v.x0;
-    }
-  } else {
-#pragma omp simd
-    for (int64_t k = begin; k < end; ++k) {
-      const StepValues v = step_values(c, kClip, x[k], m[k], 0.0f);
-      out[k] = v.out;
-      if constexpr (kStoreX0) x0[k] = v.x0;
-    }
+  for (int64_t k = begin; k < end; ++k) {
+    const StepValues v = step_values(c, terms, x[k], m_c[k], terms.guided ? m_u[k] : 0.0f, terms.h1 ? h1[k] : 0.0f,
+                                     terms.h2 ? h2[k] : 0.0f, terms.z ? z[k] : 0.0f);
+    out[k] = v.out;
+    if constexpr ((kFlags & kStoreX0) != 0) x0[k] = v.x0;
   }
 }
 
-template <bool kStoreX0>
-void step_segment(const StepCoefficients& c, bool clip, const float* x, const float* m, const float* z,
-                  float* out, float* x0, int64_t begin, int64_t end) {
-  if (clip) {
-    step_segment<true, kStoreX0>(c, x, m, z, out, x0, begin, end);
-  } else {
-    step_segment<false, kStoreX0>(c, x, m, z, out, x0, begin, end);
-  }
+using StepSegment = void (*)(const StepCoefficients&, const StepBlock&, int64_t, int64_t);
+
+template <int... kFlags>
+constexpr std::array<StepSegment, sizeof...(kFlags)> step_segments(std::integer_sequence<int, kFlags...>) {
+  return {&step_segment<kFlags>...};
 }
+constexpr auto kStepSegments = step_segments(std::make_integer_sequence<int, kStepVariants>());
 
 template <typename scalar_t>
 void step_kernel(const StepArgs& a) {
-  const auto* x = static_cast<const scalar_t*>(a.x_t);
+  const auto* x = static_cast<const scalar_t*>(a.x);
   const auto* m = static_cast<const scalar_t*>(a.model_output);
+  const auto* h1 = static_cast<const scalar_t*>(a.h1);
+  const auto* h2 = static_cast<const scalar_t*>(a.h2);
   const auto* noise = static_cast<const scalar_t*>(a.noise);
   auto* out = static_cast<scalar_t*>(a.out);
   auto* x0 = static_cast<scalar_t*>(a.x0_out);
+  const StepSegment segment = kStepSegments[(a.guided ? kGuided : 0) | (a.clip_denoised ? kClip : 0) |
+                                            (h1 ? kH1 : 0) | (h2 ? kH2 : 0) | (a.seed || noise ? kZ : 0) |
+                                            (x0 ? kStoreX0 : 0)];
   const uint64_t seed = a.seed != nullptr ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t blocks = (a.numel + kBlock - 1) / kBlock;
   at::parallel_for(0, blocks, kGrainBlocks, [&](int64_t first, int64_t last) {
-    alignas(64) float x_buf[kBlock], m_buf[kBlock], z_buf[kBlock], out_buf[kBlock], x0_buf[kBlock];
+    alignas(64) float x_buf[kBlock], mc_buf[kBlock], mu_buf[kBlock], h1_buf[kBlock], h2_buf[kBlock], z_buf[kBlock],
+        out_buf[kBlock], x0_buf[kBlock];
     for (int64_t block = first; block < last; ++block) {
       const int64_t start = block * kBlock, n = std::min(kBlock, a.numel - start);
-      const float* z = nullptr;
+      StepBlock p{};
       if (a.seed != nullptr) {
         philox_normals(seed, start, n, z_buf);
         round_to_dtype<scalar_t>(z_buf, n);
-        z = z_buf;
+        p.z = z_buf;
       } else if (noise != nullptr) {
-        z = as_float(noise + start, n, z_buf);
+        p.z = as_float(noise + start, n, z_buf);
       }
-      const float* xs = as_float(x + start, n, x_buf);
-      const float* ms = as_float(m + start, n, m_buf);
-      float* os = float_target(out + start, out_buf);
-      float* x0s = x0 != nullptr ? float_target(x0 + start, x0_buf) : nullptr;
+      p.x = as_float(x + start, n, x_buf);
+      p.m_c = as_float(m + start, n, mc_buf);
+      if (a.guided) p.m_u = as_float(m + a.numel + start, n, mu_buf);
+      if (h1 != nullptr) p.h1 = as_float(h1 + start, n, h1_buf);
+      if (h2 != nullptr) p.h2 = as_float(h2 + start, n, h2_buf);
+      p.out = float_target(out + start, out_buf);
+      if (x0 != nullptr) p.x0 = float_target(x0 + start, x0_buf);
       for_each_batch_segment(start, n, a.per_batch, [&](int64_t begin, int64_t end, int64_t b) {
-        const StepCoefficients c = step_coefficients(a.table + a.t[b] * kStepColumns);
-        if (x0s != nullptr) {
-          step_segment<true>(c, a.clip_denoised, xs, ms, z, os, x0s, begin, end);
-        } else {
-          step_segment<false>(c, a.clip_denoised, xs, ms, z, os, nullptr, begin, end);
-        }
+        segment(step_coefficients(a.table + a.index[b] * kStepColumns), p, begin, end);
       });
-      store_from(os, n, out + start);
-      if (x0s != nullptr) store_from(x0s, n, x0 + start);
+      store_from(p.out, n, out + start);
+      if (x0 != nullptr) store_from(p.x0, n, x0 + start);
     }
   });
 }
@@ -427,7 +435,7 @@ struct QSampleKernel {
 
 }  // namespace
 
-void step_cpu(const StepArgs& args) {
+void sampler_step_cpu(const StepArgs& args) {
   if (args.numel > 0) dispatch<StepKernel>(args);
 }
 

@@ -1,5 +1,4 @@
-// CUDA kernels of q_sample and the reverse / DDIM / DPM-Solver++ step (declared in
-// diffusion_steps_kernels.h).
+// CUDA kernels of q_sample and the sampler step (declared in diffusion_steps_kernels.h).
 //
 // Memory-bound elementwise kernels. Each thread handles a group of four consecutive storage
 // elements 4g .. 4g+3: one vector load per tensor when the pointers allow it, and one Philox
@@ -7,7 +6,7 @@
 // loop, 64-bit indices. The seed is read from device memory, so a captured CUDA graph draws
 // new noise whenever the seed tensor is refilled before a replay.
 //
-// A timestep outside [0, num_timesteps) stops the kernel with __trap() before the table row is
+// A t / index outside the table's rows stops the kernel with __trap() before the table row is
 // read (the launch then fails with cudaErrorLaunchFailure / an illegal-instruction error, which
 // torch reports at the next synchronising call). This replaces a host-side range check, which
 // would need a device-to-host sync.
@@ -83,21 +82,21 @@ __device__ __forceinline__ int64_t batch_of(int64_t e, int64_t per_batch) {
   return e / per_batch;
 }
 
-// Row table[t[b]] of a [num_timesteps, columns] table; traps on an out-of-range t.
-__device__ __forceinline__ const float* table_row(const float* table, const int64_t* t, int64_t b,
-                                                  int64_t num_timesteps, int columns) {
+// Row table[t[b]] of a [num_rows, columns] table; traps on an out-of-range t.
+__device__ __forceinline__ const float* table_row(const float* table, const int64_t* t, int64_t b, int64_t num_rows,
+                                                  int columns) {
   const int64_t tb = t[b];
-  if (tb < 0 || tb >= num_timesteps) __trap();
+  if (tb < 0 || tb >= num_rows) __trap();
   return table + tb * columns;
 }
 
-// Calls f(k, row) for each in-range element 4g + k of the group, with its batch element's row.
-// The row is looked up again only when the group crosses into the next batch element.
-template <typename F>
+// Calls f(k, c) for each in-range element 4g + k of the group, with c = load(row of its batch
+// element). The row is looked up and loaded again only when the group crosses into the next one.
+template <typename Load, typename F>
 __device__ __forceinline__ void for_each_in_group(int64_t i, int64_t numel, int64_t per_batch, const int64_t* t,
-                                                  const float* table, int64_t num_timesteps, int columns, F f) {
+                                                  const float* table, int64_t num_rows, int columns, Load load, F f) {
   int64_t batch_end = 0;
-  const float* row = nullptr;
+  decltype(load(table)) c{};
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     const int64_t e = i + k;
@@ -105,38 +104,43 @@ __device__ __forceinline__ void for_each_in_group(int64_t i, int64_t numel, int6
       if (e >= batch_end) {
         const int64_t b = batch_of(e, per_batch);
         batch_end = (b + 1) * per_batch;
-        row = table_row(table, t, b, num_timesteps, columns);
+        c = load(table_row(table, t, b, num_rows, columns));
       }
-      f(k, row);
+      f(k, c);
     }
   }
 }
 
-// kStoreX0 (the DPM-Solver++ step): the x0 prediction is stored to a.x0_out as well.
-template <typename T, bool kVec, int kNoise, bool kStoreX0 = false>
+// Template parameters: what decides the memory accesses per element (dtype, vector width, the
+// noise source). The other terms are uniform flags: an absent tensor is never loaded or stored.
+template <typename T, bool kVec, int kNoise>
 __global__ void __launch_bounds__(kThreads) step_kernel(StepArgs a) {
-  const T* __restrict__ x = static_cast<const T*>(a.x_t);
+  const T* __restrict__ x = static_cast<const T*>(a.x);
   const T* __restrict__ m = static_cast<const T*>(a.model_output);
-  T* __restrict__ out = static_cast<T*>(a.out);
-  T* __restrict__ x0_out = static_cast<T*>(a.x0_out);
+  const StepTerms terms{a.guided, a.clip_denoised, a.h1 != nullptr, a.h2 != nullptr, kNoise != kNoNoise};
   const uint64_t seed = kNoise == kDrawnNoise ? static_cast<uint64_t>(*a.seed) : 0;
   const int64_t groups = (a.numel + 3) / 4;
   for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t i = g * 4;
-    float xv[4], mv[4], z[4] = {0.0f, 0.0f, 0.0f, 0.0f}, o[4], x0[4];
+    float xv[4], mc[4], mu[4] = {}, h1[4] = {}, h2[4] = {}, z[4] = {}, o[4], x0[4];
     load4<T, kVec>(x, i, a.numel, xv);
-    load4<T, kVec>(m, i, a.numel, mv);
+    load4<T, kVec>(m, i, a.numel, mc);
+    if (terms.guided) load4<T, kVec>(m + a.numel, i, a.numel, mu);
+    if (terms.h1) load4<T, kVec>(static_cast<const T*>(a.h1), i, a.numel, h1);
+    if (terms.h2) load4<T, kVec>(static_cast<const T*>(a.h2), i, a.numel, h2);
     if (kNoise == kGivenNoise) load4<T, kVec>(static_cast<const T*>(a.noise), i, a.numel, z);
     if (kNoise == kDrawnNoise) drawn_normals<T>(seed, g, z);
-    for_each_in_group(i, a.numel, a.per_batch, a.t, a.table, a.num_timesteps, kStepColumns,
-                      [&](int k, const float* row) {
-                        const StepValues v = step_values(step_coefficients(row), a.clip_denoised, xv[k], mv[k], z[k]);
-                        o[k] = v.out;
-                        x0[k] = v.x0;
-                      });
-    store4<T, kVec>(out, i, a.numel, o);
-    if (kStoreX0) store4<T, kVec>(x0_out, i, a.numel, x0);
+    for_each_in_group(
+        i, a.numel, a.per_batch, a.index, a.table, a.num_rows, kStepColumns,
+        [](const float* row) { return step_coefficients(row); },
+        [&](int k, const StepCoefficients& c) {
+          const StepValues v = step_values(c, terms, xv[k], mc[k], mu[k], h1[k], h2[k], z[k]);
+          o[k] = v.out;
+          x0[k] = v.x0;
+        });
+    store4<T, kVec>(static_cast<T*>(a.out), i, a.numel, o);
+    if (a.x0_out != nullptr) store4<T, kVec>(static_cast<T*>(a.x0_out), i, a.numel, x0);
   }
 }
 
@@ -158,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) q_sample_kernel(QSampleArgs a) {
       load4<T, kVec>(static_cast<const T*>(a.noise), i, a.numel, z);
     }
     for_each_in_group(i, a.numel, a.per_batch, a.t, a.table, a.num_timesteps, kQSampleColumns,
-                      [&](int k, const float* row) {
+                      [](const float* row) { return row; }, [&](int k, const float* row) {
                         o[k] = q_sample_value(row[kSqrtAlphasCumprod], row[kSqrtOneMinusAlphasCumprod], xv[k], z[k]);
                       });
     store4<T, kVec>(out, i, a.numel, o);
@@ -190,28 +194,17 @@ void launch_step(const StepArgs& a, cudaStream_t stream) {
   }
 }
 
+// The vector path needs every tensor it touches 4-element aligned, the unconditional half too.
 template <typename T>
 void launch_step(const StepArgs& a, cudaStream_t stream) {
   const int bytes = 4 * sizeof(T);
-  if (aligned(a.x_t, bytes) && aligned(a.model_output, bytes) && aligned(a.noise, bytes) && aligned(a.out, bytes)) {
+  const void* m_u = a.guided ? static_cast<const T*>(a.model_output) + a.numel : nullptr;
+  if (aligned(a.x, bytes) && aligned(a.model_output, bytes) && aligned(m_u, bytes) && aligned(a.h1, bytes) &&
+      aligned(a.h2, bytes) && aligned(a.noise, bytes) && aligned(a.out, bytes) && aligned(a.x0_out, bytes)) {
     launch_step<T, true>(a, stream);
   } else {
     launch_step<T, false>(a, stream);
   }
-}
-
-// The DPM-Solver++ step: the step kernel with the previous x0 as given noise (or none) and x0 stored.
-template <typename T>
-void launch_dpm_solver_step(const StepArgs& a, cudaStream_t stream) {
-  const unsigned int grid = grid_for(a.numel);
-  const int bytes = 4 * sizeof(T);
-  const bool vec = aligned(a.x_t, bytes) && aligned(a.model_output, bytes) && aligned(a.noise, bytes) &&
-                   aligned(a.out, bytes) && aligned(a.x0_out, bytes);
-  const bool x0_prev = a.noise != nullptr;
-  if (vec && x0_prev) launch(step_kernel<T, true, kGivenNoise, true>, grid, kThreads, 0, stream, a);
-  if (vec && !x0_prev) launch(step_kernel<T, true, kNoNoise, true>, grid, kThreads, 0, stream, a);
-  if (!vec && x0_prev) launch(step_kernel<T, false, kGivenNoise, true>, grid, kThreads, 0, stream, a);
-  if (!vec && !x0_prev) launch(step_kernel<T, false, kNoNoise, true>, grid, kThreads, 0, stream, a);
 }
 
 template <typename T>
@@ -229,24 +222,13 @@ void launch_q_sample(const QSampleArgs& a, cudaStream_t stream) {
 
 }  // namespace
 
-const char* step_cuda(const StepArgs& args, void* stream) {
+const char* sampler_step_cuda(const StepArgs& args, void* stream) {
   if (args.numel == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
   switch (args.dtype) {
     case DType::Float32: launch_step<float>(args, s); break;
     case DType::Float16: launch_step<__half>(args, s); break;
     case DType::BFloat16: launch_step<__nv_bfloat16>(args, s); break;
-  }
-  return launch_error();
-}
-
-const char* dpm_solver_step_cuda(const StepArgs& args, void* stream) {
-  if (args.numel == 0) return nullptr;
-  const auto s = static_cast<cudaStream_t>(stream);
-  switch (args.dtype) {
-    case DType::Float32: launch_dpm_solver_step<float>(args, s); break;
-    case DType::Float16: launch_dpm_solver_step<__half>(args, s); break;
-    case DType::BFloat16: launch_dpm_solver_step<__nv_bfloat16>(args, s); break;
   }
   return launch_error();
 }

@@ -23,6 +23,7 @@ from conftest import (DEVICE, FUSED_PROVIDERS, ON_GPU, assert_close, check_layou
                       provider_skip_reason, rotation_count, run_benchmark)
 from ddpm_fast import GaussianDiffusion, ops, reference, schedules
 from ddpm_fast.nn import UNet
+from ddpm_fast.samplers import coefficients
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install diffusers)")
 
@@ -71,11 +72,7 @@ def test_dpm_solver_step(benchmark, copy_bandwidth, provider, shape, dtype, layo
             return scheduler.step(model_output, timestep, x).prev_sample
     else:
         _, sigmas = schedules.dpm_solver_timesteps(scheduler.alphas_cumprod.double(), NUM_STEPS)
-        rows = schedules.dpm_solver_step_rows(sigmas, 2, True, "epsilon")  # diffusers' defaults
-        table = reference.sampler_table_from_legacy(rows, previous_x0=True)
-        if order == 3:
-            table[:, reference.OUT_FROM_H2] = -0.5 * table[:, reference.OUT_FROM_H1]
-        table = table.to(DEVICE, torch.float32)
+        table = coefficients.dpm_solver_rows(sigmas, order, True, "epsilon").to(DEVICE, torch.float32)
         index = torch.full((shape[0],), MID_LOOP, device=DEVICE)
 
         def fn():

@@ -1,7 +1,7 @@
 """The sampling steps after the model call: the DDPM reverse step and the DDIM step.
 
 The fused side is ``ops.sampler_step`` with the [T, 8] table each sampler builds
-(``reference.sampler_table_from_legacy`` of the DDPM / DDIM rows).
+(``samplers.coefficients`` rows of the DDPM / DDIM steps).
 
 Reverse step: the seed's ``p_sample`` arithmetic (``p_mean_variance`` after the model call,
 ``torch.randn_like``, the t == 0 mask) against the fused op drawing z in-kernel. Minimal bytes:
@@ -21,6 +21,7 @@ from conftest import (COMPILE_SHAPES, DEVICE, STEP_SHAPES, assert_close, case_pa
                       make_tensor, rotation_count, run_benchmark, seed_reference)
 from ddpm_fast import ops, reference, schedules
 from ddpm_fast.ops._common import draw_seed
+from ddpm_fast.samplers import coefficients
 
 NUM_TIMESTEPS = 1000
 DDIM_STRIDE = NUM_TIMESTEPS // 50
@@ -50,11 +51,7 @@ def guided_seed_reverse_step(diffusion, x_t, model_output, t, scale=GUIDANCE_SCA
 def ddpm_table():
     """The DDPM sampler's [T, 8] table (epsilon prediction, posterior variance, sigma_0 = 0), float32."""
     q = schedules.diffusion_quantities(schedules.linear_betas(NUM_TIMESTEPS))
-    sigma = q["posterior_variance"].sqrt().clone()
-    sigma[0] = 0.0
-    x0_from_xt, x0_from_model = schedules.x0_coefficients(q["alphas_cumprod"], "epsilon")
-    legacy = torch.stack([x0_from_xt, x0_from_model, q["posterior_mean_coef1"], q["posterior_mean_coef2"], sigma], 1)
-    return reference.sampler_table_from_legacy(legacy).to(DEVICE, torch.float32)
+    return coefficients.ddpm_rows(q, "epsilon", "posterior").to(DEVICE, torch.float32)
 
 
 compiled_seed_reverse_step = torch.compile(seed_reverse_step, dynamic=False)
@@ -143,8 +140,7 @@ def test_ddim_step(benchmark, copy_bandwidth, provider, shape, dtype, layout):
             x_t, model_output, t = next_set()
             return expression(abar32, abar_prev32, x_t, model_output, t)
     else:
-        rows = schedules.ddim_step_rows(abar, abar_prev, 0.0, "epsilon")
-        table = reference.sampler_table_from_legacy(rows).to(DEVICE, torch.float32)
+        table = coefficients.ddim_rows(abar, abar_prev, 0.0, "epsilon").to(DEVICE, torch.float32)
 
         def fn():
             x_t, model_output, t = next_set()

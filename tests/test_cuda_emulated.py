@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from ddpm_fast import _ext, reference, schedules, testing
+from ddpm_fast.samplers import coefficients
 
 T = 1000
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -86,44 +87,21 @@ def _quantities():
     return schedules.diffusion_quantities(schedules.linear_betas(T))
 
 
-def _legacy_ddpm_rows(prediction_type="epsilon", variance_type="posterior"):
-    """[T, 5] rows of the DDPM step (reference.LEGACY_*); sigma_0 = 0."""
-    q = _quantities()
-    sigma = (q["posterior_variance"] if variance_type == "posterior" else q["betas"]).sqrt().clone()
-    sigma[0] = 0.0
-    x0_from_xt, x0_from_model = schedules.x0_coefficients(q["alphas_cumprod"], prediction_type)
-    return torch.stack([x0_from_xt, x0_from_model, q["posterior_mean_coef1"], q["posterior_mean_coef2"], sigma], 1)
-
-
-def _legacy_ddim_rows(eta, prediction_type="epsilon", num_steps=50):
-    """Rows k = 0 .. num_steps-1: the DDIM step from timestep k to k - 1 (k = 0: to x_0)."""
-    abar = _quantities()["alphas_cumprod"]
-    steps = schedules.ddim_timesteps(T, num_steps).flip(0)  # ascending
-    prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[steps[:-1]]])
-    return schedules.ddim_step_rows(abar[steps], prev, eta, prediction_type)
-
-
-def _legacy_dpm_rows(prediction_type="epsilon", num_steps=20):
-    _, sigmas = schedules.dpm_solver_timesteps(_quantities()["alphas_cumprod"], num_steps)
-    return schedules.dpm_solver_step_rows(sigmas, 2, False, prediction_type)
-
-
 def _sampler_table(sampler, guidance_scale=1.0, prediction_type="epsilon", variance_type="posterior"):
-    """A float32 [R, 8] sampler-step table as the sampler builds it (3M and SDE: plausible weights)."""
+    """A float32 [R, 8] sampler-step table as the samplers build it (ddpm_fast.samplers.coefficients)."""
+    q = _quantities()
     if sampler.startswith("ddpm"):
-        table = reference.sampler_table_from_legacy(_legacy_ddpm_rows(prediction_type, variance_type))
-    elif sampler.startswith("ddim"):
-        table = reference.sampler_table_from_legacy(_legacy_ddim_rows(0.0 if sampler == "ddim-eta0" else 1.0,
-                                                                      prediction_type))
+        table = coefficients.ddpm_rows(q, prediction_type, variance_type)
+    elif sampler.startswith("ddim"):  # row k: the step from timestep k to the previous one (k = 0: to x_0)
+        abar = q["alphas_cumprod"]
+        steps = schedules.ddim_timesteps(T, 50).flip(0)  # ascending
+        prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[steps[:-1]]])
+        table = coefficients.ddim_rows(abar[steps], prev, 0.0 if sampler == "ddim-eta0" else 1.0, prediction_type)
     else:
-        table = reference.sampler_table_from_legacy(_legacy_dpm_rows(prediction_type), previous_x0=True)
-        if sampler == "dpm-3m":  # x0 extrapolated from two earlier predictions
-            table[:, reference.OUT_FROM_H2] = -0.5 * table[:, reference.OUT_FROM_H1]
-            table[:, reference.OUT_FROM_H1] *= 2.0
-        if sampler == "sde-2m":
-            table[:, reference.OUT_FROM_Z] = 0.4 * table[:, reference.OUT_FROM_X]
-    table[:, reference.GUIDANCE_SCALE] = guidance_scale
-    return table.float()
+        _, sigmas = schedules.dpm_solver_timesteps(q["alphas_cumprod"], 20)
+        table = coefficients.dpm_solver_rows(sigmas, 3 if sampler == "dpm-3m" else 2, False, prediction_type,
+                                             sde=sampler == "sde-2m")
+    return coefficients.with_guidance(table, guidance_scale).float()
 
 
 # Each sampler's call: (noise kind, h1 given, h2 given, store_x0).

@@ -28,7 +28,7 @@ from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .ops import diffusion_steps as step_ops
 from .ops._common import draw_seed
 from .validation import (check_batched, check_bool, check_choice, check_float, check_int, check_like, check_number,
-                         check_shape, check_timesteps, describe)
+                         check_one_timestep_per_item, check_shape, check_timesteps, describe)
 
 LOSS_TYPES = ("mse", "l1", "vlb")
 
@@ -346,6 +346,7 @@ class GaussianDiffusion:
     def p_losses(self, denoise_model, x_start, t, noise=None, loss_type="mse"):
         """The training loss at timesteps t: "mse" / "l1" (L_simple) or "vlb" (the bound's terms, bits/dim)."""
         self._check_model(denoise_model)
+        check_one_timestep_per_item("x_start", x_start, t)
         t = self._check("x_start", x_start, t)
         self._check_optional_like("noise", noise, "x_start", x_start)
         check_choice("loss_type", loss_type, LOSS_TYPES)

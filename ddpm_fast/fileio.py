@@ -195,8 +195,8 @@ def check_output_file(path, option):
     """Refuses, before any work, a file destination that cannot be written."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        raise OutputError(f"cannot write {option} {path!r}: it is a folder; give a file name such as "
-                          f"{os.path.join(path, 'out')!r}", errno.EISDIR)
+        raise OutputError(f"cannot write {option} {path!r}: it is a folder; give the path of a file (the folder is "
+                          f"left as it is)", errno.EISDIR)
     _check_parent_chain(path, option, "file name")
     return path
 

@@ -12,6 +12,7 @@ and gathers them.
 """
 
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -23,7 +24,7 @@ from . import checkpoint as ckpt
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
 from .errors import note
-from .fileio import RunLock, check_output_file, check_output_folder, remove_stale_temporaries
+from .fileio import OutputError, RunLock, check_output_file, check_output_folder, remove_stale_temporaries
 from .images import save_grid
 from .validation import check_number
 
@@ -276,6 +277,9 @@ def _check_run_folder(out):
     """Refuses, before any work, a run folder that cannot hold checkpoint.pt and samples/."""
     check_output_folder(out, "--out")
     if os.path.isdir(out):
+        if os.path.isdir(os.path.join(out, CHECKPOINT_NAME)):
+            raise OutputError(f"--out {out!r} holds a folder named {CHECKPOINT_NAME!r} where the checkpoint goes; "
+                              f"move it away or choose another --out", errno.EISDIR)
         check_output_file(os.path.join(out, CHECKPOINT_NAME), "--out")
         check_output_folder(os.path.join(out, SAMPLES_FOLDER), "--out")
 
@@ -318,6 +322,9 @@ def train(**options):
 def _resume_and_train(given, path, progress):
     state = None
     if path is not None:
+        if not os.path.exists(path):
+            raise ckpt.CheckpointError(f"checkpoint {path!r} does not exist, so there is nothing to --resume; give "
+                                       f"--resume the checkpoint's path, or drop --resume to start a new run")
         state = ckpt.load(path)
         saved = state["config"].get("train")
         if not isinstance(saved, dict) or "model" not in state or "optimizer" not in state:

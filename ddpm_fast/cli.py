@@ -122,39 +122,45 @@ def build_parser():
     train.add_argument("--ch", type=_positive_int, help="UNet base width (default: the preset's)")
     train.add_argument("--ch-mult", type=_int_list, help="UNet width multipliers per level, e.g. 1,2 "
                                                          "(default: the preset's)")
-    train.add_argument("--steps", type=_positive_int, help=f"total optimizer steps (default: {DEFAULTS['steps']})")
-    train.add_argument("--batch-size", type=_positive_int, help=f"global batch size, split over processes "
-                                                               f"(default: {DEFAULTS['batch_size']})")
-    train.add_argument("--lr", type=_positive_float, help=f"peak AdamW learning rate (default: {DEFAULTS['lr']:g})")
-    train.add_argument("--warmup", type=_non_negative_int, help=f"linear learning-rate warm-up steps (default: {DEFAULTS['warmup']})")
-    train.add_argument("--weight-decay", type=_non_negative_float, help=f"AdamW weight decay (default: {DEFAULTS['weight_decay']:g})")
+    def default(name, fmt=""):
+        return f"(default: {DEFAULTS[name]:{fmt}})"
+
+    train.add_argument("--steps", type=_positive_int, help=f"total optimizer steps {default('steps')}")
+    train.add_argument("--batch-size", type=_positive_int,
+                       help=f"global batch size, split over processes {default('batch_size')}")
+    train.add_argument("--lr", type=_positive_float, help=f"peak AdamW learning rate {default('lr', 'g')}")
+    train.add_argument("--warmup", type=_non_negative_int,
+                       help=f"linear learning-rate warm-up steps {default('warmup')}")
+    train.add_argument("--weight-decay", type=_non_negative_float,
+                       help=f"AdamW weight decay {default('weight_decay', 'g')}")
     train.add_argument("--grad-clip", type=_non_negative_float,
-                       help=f"clip the gradient norm to this (0 = off; default: {DEFAULTS['grad_clip']:g})")
-    train.add_argument("--timesteps", type=_positive_int, help=f"diffusion steps T (default: {DEFAULTS['timesteps']})")
-    train.add_argument("--schedule", choices=["linear", "cosine"], help=f"beta schedule (default: {DEFAULTS['schedule']})")
-    train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"], help=f"model target (default: {DEFAULTS['prediction_type']})")
-    train.add_argument("--loss", dest="loss_type", choices=["mse", "l1", "vlb"], help=f"training loss (default: {DEFAULTS['loss_type']})")
-    train.add_argument("--ema-decay", type=_decay, help=f"EMA decay of the weights (default: {DEFAULTS['ema_decay']:g})")
+                       help=f"clip the gradient norm to this, 0 = off {default('grad_clip', 'g')}")
+    train.add_argument("--timesteps", type=_positive_int, help=f"diffusion steps T {default('timesteps')}")
+    train.add_argument("--schedule", choices=["linear", "cosine"], help=f"beta schedule {default('schedule')}")
+    train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"],
+                       help=f"model target {default('prediction_type')}")
+    train.add_argument("--loss", dest="loss_type", choices=["mse", "l1", "vlb"],
+                       help=f"training loss {default('loss_type')}")
+    train.add_argument("--ema-decay", type=_decay, help=f"EMA decay of the weights {default('ema_decay', 'g')}")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                       help=f"autocast precision; fp16 uses a GradScaler (default: {DEFAULTS['precision']})")
+                       help=f"autocast precision; fp16 uses a GradScaler {default('precision')}")
     train.add_argument("--out", help=f"output folder for checkpoint.pt and samples/, used by one run at a time "
-                                          f"(default: {DEFAULTS['out']})")
-    train.add_argument("--sample-every", type=_non_negative_int, help=f"write a sample grid every N steps "
-                                                                     f"(0 = never; default: {DEFAULTS['sample_every']})")
-    train.add_argument("--sample-n", type=_positive_int, help=f"images per sample grid (default: {DEFAULTS['sample_n']})")
-    train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids (default: {DEFAULTS['sampler']})")
+                                     f"{default('out')}")
+    train.add_argument("--sample-every", type=_non_negative_int,
+                       help=f"write a sample grid every N steps, 0 = never {default('sample_every')}")
+    train.add_argument("--sample-n", type=_positive_int, help=f"images per sample grid {default('sample_n')}")
+    train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids {default('sampler')}")
     train.add_argument("--sample-steps", type=_positive_int,
-                       help=f"ddim / dpm++2m steps for the grids (default: {DEFAULTS['sample_steps']})")
-    train.add_argument("--ckpt-every", type=_non_negative_int, help=f"write checkpoint.pt every N steps and at "
-                                                                   f"the end (0 = only at the end; default: "
-                                                                   f"{DEFAULTS['ckpt_every']})")
+                       help=f"ddim / dpm++2m steps for the grids {default('sample_steps')}")
+    train.add_argument("--ckpt-every", type=_non_negative_int,
+                       help=f"write checkpoint.pt every N steps and at the end, 0 = only at the end "
+                            f"{default('ckpt_every')}")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
                        help="continue from CKPT (CKPT left out: OUT/checkpoint.pt)")
-    train.add_argument("--seed", type=_seed, help=f"seed of the weights, data order and noise "
-                                                  f"(default: {DEFAULTS['seed']})")
-    train.add_argument("--device", help=f"auto, cpu, cuda or cuda:N (default: {DEFAULTS['device']}; torchrun: "
-                                                f"cuda:LOCAL_RANK)")
-    train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar (default: show one)")
+    train.add_argument("--seed", type=_seed, help=f"seed of the weights, data order and noise {default('seed')}")
+    train.add_argument("--device", help=f"auto, cpu, cuda or cuda:N; torchrun: cuda:LOCAL_RANK {default('device')}")
+    train.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar (default: show one)")
 
     sample = commands.add_parser("sample", help="draw a grid of samples (default: the shipped digits model)",
                                  formatter_class=_HelpFormatter)

@@ -51,13 +51,13 @@ def message_for(error):
 
     if isinstance(error, user_errors()):
         return str(error)
-    if isinstance(error, torch.OutOfMemoryError):
+    if isinstance(error, getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)):
         return ("the device ran out of memory; use a smaller --batch-size (or --n), a smaller model "
                 "(--preset tiny, --ch), or --device cpu")
     if isinstance(error, MemoryError):
         return "out of memory; use a smaller --batch-size (or --n) or a smaller model"
     if isinstance(error, OSError) and getattr(error, "filename", None) is not None:
-        return explain_os_error(error, os.fspath(error.filename))
+        return explain_os_error(error, os.fspath(error.filename), verb="use")
     return None
 
 

@@ -58,22 +58,23 @@ def pid_alive(pid):
     return True
 
 
-def explain_os_error(error, path, option=None):
-    """One sentence for an OSError met while writing ``path``: what happened and what to do."""
+def explain_os_error(error, path, option=None, verb="write"):
+    """One sentence for an OSError met while writing (``verb``) ``path``: what happened and what to do."""
     what = f"{option} {path!r}" if option else repr(path)
     code = getattr(error, "errno", None)
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return f"cannot write {what}: the disk is full (no space left on device); free some space or write elsewhere"
+        return f"cannot {verb} {what}: the disk is full (no space left on device); free some space or write elsewhere"
     if code in (errno.EACCES, errno.EPERM):
-        return f"cannot write {what}: permission denied; choose a folder you may write in"
+        advice = "choose a folder you may write in" if verb == "write" else "check its permissions"
+        return f"cannot {verb} {what}: permission denied; {advice}"
     if code == errno.EROFS:
-        return f"cannot write {what}: the file system is read-only; choose another place"
+        return f"cannot {verb} {what}: the file system is read-only; choose another place"
     if code == errno.ENOTDIR:
-        return f"cannot write {what}: a part of the path is a file, not a folder; choose another path"
+        return f"cannot {verb} {what}: a part of the path is a file, not a folder; choose another path"
     if code == errno.EISDIR:
-        return f"cannot write {what}: it is a folder; give a file name"
+        return f"cannot {verb} {what}: it is a folder; give a file name"
     detail = getattr(error, "strerror", None) or str(error) or type(error).__name__
-    return f"cannot write {what}: {detail}"
+    return f"cannot {verb} {what}: {detail}"
 
 
 def _is_disk_full(error):

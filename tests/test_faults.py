@@ -188,7 +188,8 @@ CASES = [
     ("resume a sampling-only checkpoint", "SMALL", None,
      ["train", "--resume", "TMP/small.pt", "--steps", "3", "--no-progress"], 1, ["small.pt", "not a training"]),
     ("resume a missing checkpoint", None, None,
-     ["train", "--out", "TMP/run", "--resume", "--steps", "3", "--no-progress"], 1, ["checkpoint.pt", "nothing to --resume"]),
+     ["train", "--out", "TMP/run", "--resume", "--steps", "3", "--no-progress"], 1,
+     ["checkpoint.pt", "nothing to --resume"]),
 ]
 
 
@@ -260,6 +261,18 @@ def test_a_bug_prints_its_traceback_and_asks_for_a_report(monkeypatch, capsys):
     assert "Traceback" in err and "ZeroDivisionError" in err
     assert err.splitlines()[-1].startswith("ddpm-fast: error: unexpected ZeroDivisionError")
     assert "please report this with the command you ran" in err
+
+
+def test_an_os_error_naming_a_file_is_one_line(monkeypatch, capsys):
+    import ddpm_fast.cli as cli
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), "/data/secret.png")
+
+    monkeypatch.setattr(cli, "_run_sample", denied)
+    assert main(["sample"]) == 1
+    err = capsys.readouterr().err
+    assert err == "ddpm-fast: error: cannot use '/data/secret.png': permission denied; check its permissions\n"
 
 
 @pytest.mark.parametrize("where", ["before", "after"])

@@ -17,7 +17,7 @@ from importlib import resources
 import numpy as np
 import torch
 
-from .images import atomic_write
+from .fileio import atomic_write
 
 FORMAT_VERSION = 1
 SHIPPED = "digits.pt"
@@ -27,9 +27,9 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
-def save(state, path):
+def save(state, path, option=None):
     state = dict(state, format_version=FORMAT_VERSION)
-    atomic_write(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f), option)
 
 
 def load(path, map_location="cpu"):

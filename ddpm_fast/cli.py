@@ -4,8 +4,10 @@
 (``--pipeline``); ``export`` writes a sampling checkpoint (``--out``) or a pipeline folder
 (``--diffusers``).
 
-Every user error (bad option value, missing data, unreadable checkpoint, diverged training)
-ends with one ``ddpm-fast: error: ...`` line and a non-zero exit code, never a traceback.
+Every error a user can cause (an option value, missing or unreadable files, a destination that
+cannot be written, a full disk, a busy run folder, diverged training) ends with one
+``ddpm-fast: error: ...`` line and a non-zero exit code (see :mod:`ddpm_fast.errors`, the one
+place that does it); ``--debug`` shows the traceback.
 """
 
 import argparse
@@ -13,7 +15,9 @@ import math
 import os
 import sys
 
-EXIT_ERROR = 1
+from .errors import EXIT_ERROR, run_command
+
+SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds in [0, 2**64)
 
 
 def _int_at_least(minimum, description):
@@ -29,6 +33,33 @@ def _int_at_least(minimum, description):
         return value
 
     return parse
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**64), got {text!r}")
+    return value
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help once, and only for a real default: never for
+    None (the default comes from elsewhere and the help says where) or for on/off flags."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text:
+            return text
+        if isinstance(action, argparse.BooleanOptionalAction) and isinstance(action.default, bool):
+            return text + f" (default: {action.option_strings[0 if action.default else 1]})"
+        if action.default in (None, argparse.SUPPRESS) or isinstance(action.default, bool):
+            return text
+        if not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 _positive_int = _int_at_least(1, "a positive integer")
@@ -73,52 +104,66 @@ def build_parser():
     from .nn.unet import UNet
     from .train import DEFAULTS, SAMPLERS
 
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM training and sampling.")
+    parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM training and sampling.",
+                                     epilog="Errors end with one 'ddpm-fast: error: ...' line and exit code 1 "
+                                            "(2: invalid options); --debug shows the traceback.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error (also after the "
+                                                             "command)")
     commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval-bpd,export,info}")
 
     # Defaults of train are None where they come from the preset, the data or (on --resume) the checkpoint.
     train = commands.add_parser("train", help="train a model (default: the 8x8 digits model from scratch)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train.add_argument("--data", default=None, help="'digits' (default), a folder of PNG/JPEG images, or a folder "
-                                                    "with CIFAR-10's python batches")
+                                formatter_class=_HelpFormatter)
+    train.add_argument("--data", default=None, help="'digits', a folder of PNG/JPEG images, or a folder with "
+                                                    "CIFAR-10's python batches (default: digits)")
     train.add_argument("--image-size", type=_positive_int, help="resize images to this size (default: the data's)")
     train.add_argument("--preset", choices=sorted(UNet.PRESETS),
                        help="UNet preset (default: digits for digits, cifar10 otherwise)")
     train.add_argument("--ch", type=_positive_int, help="UNet base width (default: the preset's)")
     train.add_argument("--ch-mult", type=_int_list, help="UNet width multipliers per level, e.g. 1,2 "
                                                          "(default: the preset's)")
-    train.add_argument("--steps", type=_positive_int, help="total optimizer steps (default 5000)")
-    train.add_argument("--batch-size", type=_positive_int, help="global batch size, split over processes "
-                                                               "(default 128)")
-    train.add_argument("--lr", type=_positive_float, help="peak AdamW learning rate (default 2e-4)")
-    train.add_argument("--warmup", type=_non_negative_int, help="linear learning-rate warm-up steps (default 500)")
-    train.add_argument("--weight-decay", type=_non_negative_float, help="AdamW weight decay (default 0)")
+    def default(name, fmt=""):
+        return f"(default: {DEFAULTS[name]:{fmt}})"
+
+    train.add_argument("--steps", type=_positive_int, help=f"total optimizer steps {default('steps')}")
+    train.add_argument("--batch-size", type=_positive_int,
+                       help=f"global batch size, split over processes {default('batch_size')}")
+    train.add_argument("--lr", type=_positive_float, help=f"peak AdamW learning rate {default('lr', 'g')}")
+    train.add_argument("--warmup", type=_non_negative_int,
+                       help=f"linear learning-rate warm-up steps {default('warmup')}")
+    train.add_argument("--weight-decay", type=_non_negative_float,
+                       help=f"AdamW weight decay {default('weight_decay', 'g')}")
     train.add_argument("--grad-clip", type=_non_negative_float,
-                       help="clip the gradient norm to this (0 = off, default 1)")
-    train.add_argument("--timesteps", type=_positive_int, help="diffusion steps T (default 1000)")
-    train.add_argument("--schedule", choices=["linear", "cosine"], help="beta schedule (default linear)")
-    train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"], help="model target (default epsilon)")
-    train.add_argument("--loss", dest="loss_type", choices=["mse", "l1", "vlb"], help="training loss (default mse)")
-    train.add_argument("--ema-decay", type=_decay, help="EMA decay of the weights (default 0.9999)")
+                       help=f"clip the gradient norm to this, 0 = off {default('grad_clip', 'g')}")
+    train.add_argument("--timesteps", type=_positive_int, help=f"diffusion steps T {default('timesteps')}")
+    train.add_argument("--schedule", choices=["linear", "cosine"], help=f"beta schedule {default('schedule')}")
+    train.add_argument("--prediction-type", choices=["epsilon", "x0", "v"],
+                       help=f"model target {default('prediction_type')}")
+    train.add_argument("--loss", dest="loss_type", choices=["mse", "l1", "vlb"],
+                       help=f"training loss {default('loss_type')}")
+    train.add_argument("--ema-decay", type=_decay, help=f"EMA decay of the weights {default('ema_decay', 'g')}")
     train.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                       help="autocast precision; fp16 uses a GradScaler (default fp32)")
-    train.add_argument("--out", help="output folder for checkpoint.pt and samples/ (default runs/ddpm)")
-    train.add_argument("--sample-every", type=_non_negative_int, help="write a sample grid every N steps "
-                                                                     "(0 = never, default 1000)")
-    train.add_argument("--sample-n", type=_positive_int, help="images per sample grid (default 64)")
-    train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids (default {DEFAULTS['sampler']})")
+                       help=f"autocast precision; fp16 uses a GradScaler {default('precision')}")
+    train.add_argument("--out", help=f"output folder for checkpoint.pt and samples/, used by one run at a time "
+                                     f"{default('out')}")
+    train.add_argument("--sample-every", type=_non_negative_int,
+                       help=f"write a sample grid every N steps, 0 = never {default('sample_every')}")
+    train.add_argument("--sample-n", type=_positive_int, help=f"images per sample grid {default('sample_n')}")
+    train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids {default('sampler')}")
     train.add_argument("--sample-steps", type=_positive_int,
-                       help=f"ddim / dpm++ steps for the grids (default {DEFAULTS['sample_steps']})")
-    train.add_argument("--ckpt-every", type=_non_negative_int, help="write checkpoint.pt every N steps and at "
-                                                                   "the end (0 = only at the end, default 1000)")
+                       help=f"ddim / dpm++ steps for the grids {default('sample_steps')}")
+    train.add_argument("--ckpt-every", type=_non_negative_int,
+                       help=f"write checkpoint.pt every N steps and at the end, 0 = only at the end "
+                            f"{default('ckpt_every')}")
     train.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
-                       help="continue from CKPT (default: OUT/checkpoint.pt)")
-    train.add_argument("--seed", type=int, help="seed of the weights, data order and noise (default 0)")
-    train.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto; torchrun: cuda:LOCAL_RANK)")
-    train.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+                       help="continue from CKPT (CKPT left out: OUT/checkpoint.pt)")
+    train.add_argument("--seed", type=_seed, help=f"seed of the weights, data order and noise {default('seed')}")
+    train.add_argument("--device", help=f"auto, cpu, cuda or cuda:N; torchrun: cuda:LOCAL_RANK {default('device')}")
+    train.add_argument("--no-progress", dest="progress", action="store_false",
+                       help="no progress bar (default: show one)")
 
     sample = commands.add_parser("sample", help="draw a grid of samples (default: the shipped digits model)",
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_HelpFormatter)
     source = sample.add_mutually_exclusive_group()
     source.add_argument("--ckpt", help="checkpoint (default: the digits model shipped with ddpm_fast)")
     source.add_argument("--pipeline", metavar="DIR", help=PIPELINE_HELP)
@@ -136,7 +181,7 @@ def build_parser():
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                         help="clamp the predicted x_0 to [-1, 1] at every step (default: on for --ckpt; for "
                              "--pipeline the scheduler's clip_sample)")
-    sample.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    sample.add_argument("--seed", type=_seed, default=0, help="seed of the samples")
     sample.add_argument("--out", default="samples.png", help="PNG grid to write")
     sample.add_argument("--npz", help="also save the raw samples to this .npz file")
     sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per forward pass")
@@ -146,7 +191,7 @@ def build_parser():
     sample.add_argument("--progress", action="store_true", help="show a progress bar per batch")
 
     bpd = commands.add_parser("eval-bpd", help="variational bound in bits/dim on held-out data",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                              formatter_class=_HelpFormatter)
     source = bpd.add_mutually_exclusive_group()
     source.add_argument("--ckpt", help="checkpoint (default: the shipped digits model)")
     source.add_argument("--pipeline", metavar="DIR", help=PIPELINE_HELP)
@@ -159,12 +204,12 @@ def build_parser():
     bpd.add_argument("--batch-size", type=_positive_int, default=128, help="images per batch")
     bpd.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                      help="use the EMA weights (checkpoints only)")
-    bpd.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    bpd.add_argument("--seed", type=_seed, default=0, help="seed of the noise")
     bpd.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     bpd.add_argument("--progress", action="store_true", help="show a progress bar per batch")
 
     export = commands.add_parser("export", help="write a small sampling-only checkpoint (config + EMA weights) "
-                                                "or a diffusers pipeline folder")
+                                                "or a diffusers pipeline folder", formatter_class=_HelpFormatter)
     export.add_argument("--ckpt", required=True, help="training checkpoint")
     target = export.add_mutually_exclusive_group(required=True)
     target.add_argument("--out", help="sampling checkpoint file to write")
@@ -177,22 +222,27 @@ def build_parser():
                              "predicted x_0 to [-1, 1] (default: on, as ddpm-fast sample does)")
 
     commands.add_parser("info", help="versions, device and available backends")
+    for command in commands.choices.values():  # --debug after the command too; SUPPRESS keeps an earlier one
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of any error")
     return parser
 
 
 def _run_train(args):
     from .train import train
 
-    options = {k: v for k, v in vars(args).items() if k not in ("command",)}
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "debug")}
     result = train(**options)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained to step {result['step']} (last loss {result['loss']:.4f}); checkpoint: {result['checkpoint']}")
+        resumed = f", resumed at step {result['start_step']}" if result.get("start_step") else ""
+        print(f"trained to step {result['step']} (last loss {result['loss']:.4f}{resumed}); "
+              f"checkpoint: {result['checkpoint']}")
 
 
 def _load_model(args, device):
     """(model, diffusion, checkpoint state or None) from --pipeline or --ckpt (default: the shipped model)."""
     from . import checkpoint
-    from .train import ConfigError, load_for_sampling
+    from .train import ConfigError, check_finite_weights, load_for_sampling
 
     if args.pipeline:
         from .interop.diffusers import load_diffusers_pipeline
@@ -200,17 +250,23 @@ def _load_model(args, device):
         if not args.ema:
             raise ConfigError("--no-ema applies to checkpoints; a pipeline folder holds one set of weights")
         model, diffusion = load_diffusers_pipeline(args.pipeline)
+        check_finite_weights(model, f"pipeline folder {args.pipeline!r}")
         return model.to(device), diffusion, None
     return load_for_sampling(args.ckpt or checkpoint.shipped_path(), device, use_ema=args.ema)
 
 
 def _run_sample(args):
+    from .fileio import check_output_file
     from .images import save_grid, save_npz
-    from .train import Dist, generate
+    from .train import Dist, check_sample_steps, generate
 
+    check_output_file(args.out, "--out")
+    if args.npz:
+        check_output_file(args.npz, "--npz")
     world = Dist(args.device)
     try:
         model, diffusion, _ = _load_model(args, world.device)
+        check_sample_steps(diffusion, args.sampler, args.steps, "--steps")
         # --clip's default: on for checkpoints (better samples), the scheduler's clip_sample for a
         # pipeline (what diffusers' own samplers would do with it).
         clip = getattr(args, "clip", diffusion.sampler_defaults.clip_denoised if args.pipeline else True)
@@ -218,9 +274,9 @@ def _run_sample(args):
                            steps=args.steps, eta=args.eta, seed=args.seed, clip=clip, dist_info=world,
                            progress=args.progress and world.main)
         if world.main:
-            save_grid(samples, args.out)
+            save_grid(samples, args.out, option="--out")
             if args.npz:
-                save_npz(samples, args.npz)
+                save_npz(samples, args.npz, option="--npz")
             print(f"wrote {args.n} samples to {args.out}" + (f" and {args.npz}" if args.npz else ""))
     finally:
         world.close()
@@ -252,17 +308,20 @@ def _run_eval_bpd(args):
 
 
 def _run_export(args):
+    from .fileio import check_output_file, check_output_folder
     from .train import ConfigError, export_diffusers, export_ema
 
     if args.diffusers:
         if args.half:
             raise ConfigError("--half applies to --out; a diffusers folder keeps the float32 weights")
+        check_output_folder(args.diffusers, "--diffusers")
         export_diffusers(args.ckpt, args.diffusers, clip=getattr(args, "clip", True))
         print(f"wrote the diffusers pipeline folder {args.diffusers}")
         return
     if hasattr(args, "clip"):
         raise ConfigError("--clip/--no-clip apply to --diffusers (the exported scheduler's clip_sample)")
-    export_ema(args.ckpt, args.out, half=args.half)
+    check_output_file(args.out, "--out")
+    export_ema(args.ckpt, args.out, half=args.half, option="--out")
     print(f"wrote {args.out}")
 
 
@@ -278,25 +337,8 @@ def main(argv=None):
 
         return info_main()
 
-    from .backends import BackendUnavailableError
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .interop.diffusers import DiffusersFormatError
-    from .train import ConfigError, TrainingDiverged
-
     run = {"train": _run_train, "sample": _run_sample, "eval-bpd": _run_eval_bpd, "export": _run_export}
-    try:
-        run[args.command](args)
-    except (DataError, CheckpointError, ConfigError, TrainingDiverged, BackendUnavailableError,
-            DiffusersFormatError) as error:
-        rank = os.environ.get("RANK")
-        prefix = f"ddpm-fast: error (rank {rank}): " if rank not in (None, "0") else "ddpm-fast: error: "
-        print(prefix + str(error), file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print("ddpm-fast: interrupted", file=sys.stderr)
-        return 130
-    return 0
+    return run_command(lambda: run[args.command](args), debug=getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

@@ -83,22 +83,44 @@ def _image_folder(folder, image_size, channels):
     for path in paths:
         try:
             with Image.open(path) as image:
-                image = image.convert(mode or ("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"))
+                image = _to_8_bit(image)
+                image = image.convert(mode or ("L" if image.mode in GREY_MODES else "RGB"))
                 if image_size is not None and image.size != (image_size, image_size):
                     image = _center_crop_resize(image, image_size)
                 arrays.append(np.asarray(image, dtype=np.uint8))
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise DataError(f"cannot read image {path!r}: {error}") from None
+        except Image.DecompressionBombError as error:
+            raise DataError(f"image {path!r} is too large to read safely ({error}); remove it from the folder or "
+                            f"shrink it") from None
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
+            raise DataError(f"cannot read image {path!r}: {error}; remove or replace it") from None
+    if len({a.ndim for a in arrays}) > 1:  # grey and colour images: grey ones become grey RGB (lossless)
+        arrays = [np.repeat(a[..., None], 3, axis=-1) if a.ndim == 2 else a for a in arrays]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
-        raise DataError(f"images in {str(folder)!r} have different sizes/modes {sorted(shapes)[:4]}; "
-                        f"pass --image-size (and --channels) to resize them to one size")
+        sizes = sorted({f"{a.shape[1]}x{a.shape[0]}" for a in arrays})
+        raise DataError(f"images in {str(folder)!r} have different sizes ({', '.join(sizes[:4])}"
+                        f"{', ...' if len(sizes) > 4 else ''}); pass --image-size N to centre-crop and resize them "
+                        f"all to N x N")
     batch = np.stack(arrays)
     if batch.ndim == 3:  # grayscale: [N, H, W]
         batch = batch[:, None]
     else:
         batch = batch.transpose(0, 3, 1, 2)
     return _to_unit_range(batch)
+
+
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_8_bit(image):
+    """High-depth grey images (16-bit PNGs open as I;16 or I) scaled to 8 bits, v -> round(v / 257):
+    Pillow's own conversion to L clips every value above 255 to white."""
+    if image.mode not in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        return image
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64) / 257.0
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
 def _center_crop_resize(image, size):

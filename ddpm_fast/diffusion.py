@@ -26,7 +26,8 @@ from .ops._common import draw_seed
 from .ops.sampler_step import check_model_output
 from .samplers import SamplerDefaults
 from .validation import (check_batched, check_bool, check_choice, check_device, check_generator, check_like,
-                         check_model, check_number, check_optional_like, check_t_prev, check_timesteps, describe)
+                         check_model, check_number, check_one_timestep_per_item, check_optional_like, check_t_prev,
+                         check_timesteps, describe)
 
 LOSS_TYPES = ("mse", "l1", "vlb")
 
@@ -191,6 +192,7 @@ class GaussianDiffusion:
     def p_losses(self, denoise_model, x_start, t, noise=None, loss_type="mse"):
         """The training loss at timesteps t: "mse" / "l1" (L_simple) or "vlb" (the bound's terms, bits/dim)."""
         check_model(denoise_model)
+        check_one_timestep_per_item("x_start", x_start, t)
         t = self._check("x_start", x_start, t)
         check_optional_like("noise", noise, "x_start", x_start)
         check_choice("loss_type", loss_type, LOSS_TYPES)

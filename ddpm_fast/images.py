@@ -1,33 +1,11 @@
 """Image grids as PNG, and raw samples as .npz, written atomically (temp file, then rename)."""
 
 import math
-import os
-import tempfile
 
 import numpy as np
 import torch
 
-
-def atomic_write(path, write):
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it to ``path``:
-    an interrupted write leaves no half-written file under the final name."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from .fileio import atomic_write
 
 
 def to_uint8(images):
@@ -59,17 +37,18 @@ def make_grid(images, nrow=None, padding=2, min_tile=32):
     return grid
 
 
-def save_grid(images, path, nrow=None, padding=2):
-    """Writes ``images`` ([N, C, H, W] in [-1, 1]) as one PNG grid at ``path``."""
+def save_grid(images, path, nrow=None, padding=2, option=None):
+    """Writes ``images`` ([N, C, H, W] in [-1, 1]) as one PNG grid at ``path`` (``option``: the
+    command-line option that named it, for messages)."""
     from PIL import Image
 
     grid = make_grid(images, nrow=nrow, padding=padding)
     image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
-    atomic_write(path, lambda f: image.save(f, format="PNG"))
+    atomic_write(path, lambda f: image.save(f, format="PNG"), option)
 
 
-def save_npz(images, path):
+def save_npz(images, path, option=None):
     """Writes the samples as uint8 [N, H, W, C] under key ``arr_0`` (the layout FID tools read)
     and the float values in [-1, 1] as ``samples`` [N, C, H, W]."""
     arrays = {"arr_0": to_uint8(images), "samples": images.detach().float().cpu().numpy()}
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    atomic_write(path, lambda f: np.savez(f, **arrays), option)

@@ -12,6 +12,7 @@ and gathers them.
 """
 
 import dataclasses
+import errno
 import math
 import os
 import sys
@@ -23,6 +24,8 @@ from . import checkpoint as ckpt
 from . import samplers
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
+from .errors import note
+from .fileio import OutputError, RunLock, check_output_file, check_output_folder, remove_stale_temporaries
 from .images import save_grid
 from .validation import check_number
 
@@ -40,6 +43,8 @@ SAMPLER_LOOPS = {
 }
 SAMPLERS = tuple(SAMPLER_LOOPS)
 CHECKPOINT_NAME = "checkpoint.pt"
+SAMPLES_FOLDER = "samples"
+SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds in [0, 2**64)
 
 # What shapes the model and the noise process: a resumed run must use the checkpoint's values.
 STRUCTURAL_OPTIONS = ("data", "preset", "ch", "ch_mult", "image_size", "timesteps", "schedule", "prediction_type",
@@ -144,6 +149,35 @@ def model_config_for(preset, channels, image_size, ch=None, ch_mult=None):
     return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}
 
 
+def check_finite_weights(weights, source, what="weights"):
+    """Refuses weights holding NaN or inf (a diverged run): they would sample blank images.
+
+    weights: a module or a state dict; source: what they came from, for the message."""
+    tensors = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    bad = [name for name, value in tensors.items()
+           if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ckpt.CheckpointError(
+            f"the {what} of {source} hold NaN or infinite values ({len(bad)} of {len(tensors)} tensors, e.g. "
+            f"{bad[0]!r}): they come from a diverged run and would sample blank images; use an earlier "
+            f"checkpoint, or train again with a lower --lr")
+
+
+def check_sample_steps(diffusion, sampler, steps, option):
+    """Refuses a step count the sampler cannot take with this diffusion, naming ``option``."""
+    loop, options = SAMPLER_LOOPS[sampler]
+    if loop == "ddpm" or steps is None:
+        return
+    if steps > diffusion.num_timesteps:
+        raise ConfigError(f"{option} {steps} is more than the model's {diffusion.num_timesteps} diffusion "
+                          f"timesteps; choose {option} between 1 and {diffusion.num_timesteps}")
+    fitted = samplers.fit_num_steps(diffusion, loop, steps, **options)
+    if fitted != steps:
+        raise ConfigError(f"{option} {steps} does not fit the model's {diffusion.num_timesteps}-step schedule with "
+                          f"spacing {diffusion.sampler_defaults.spacing!r} (timesteps would repeat); choose {option} "
+                          f"at most {fitted}")
+
+
 def load_for_sampling(path, device, use_ema=True):
     """(model in eval mode, diffusion, checkpoint) from a checkpoint file."""
     state = ckpt.load(path)
@@ -156,6 +190,7 @@ def load_for_sampling(path, device, use_ema=True):
     if not use_ema and "model" not in state:
         raise ckpt.CheckpointError(f"checkpoint {path!r} holds only EMA weights (use --ema)")
     weights = state["ema"] if use_ema else state["model"]
+    check_finite_weights(weights, f"checkpoint {os.fspath(path)!r}", "EMA weights" if use_ema else "model weights")
     ckpt.load_weights(model, {k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
                       "EMA" if use_ema else "model", path)
     return model.eval(), build_diffusion(config["diffusion"]), state
@@ -173,15 +208,13 @@ def sample_steps(diffusion, sampler, steps=None):
     loop, options = SAMPLER_LOOPS[sampler]
     if loop == "ddpm":
         return diffusion.num_timesteps
-    wanted = DEFAULTS["sample_steps"] if steps is None else steps
-    fitted = samplers.fit_num_steps(diffusion, loop, wanted, **options)
-    if fitted != wanted:
-        if steps is not None:
-            raise ConfigError(f"--steps {steps} does not fit this model's {diffusion.num_timesteps}-step schedule "
-                              f"with spacing {diffusion.sampler_defaults.spacing!r}: use --steps {fitted} or fewer")
-        print(f"ddpm-fast: sampling with {fitted} steps, the most this model's {diffusion.num_timesteps}-step "
-              f"schedule allows (spacing {diffusion.sampler_defaults.spacing!r}); --steps sets the count",
-              file=sys.stderr)
+    if steps is not None:
+        check_sample_steps(diffusion, sampler, steps, "--steps")
+        return steps
+    fitted = samplers.fit_num_steps(diffusion, loop, DEFAULTS["sample_steps"], **options)
+    if fitted != DEFAULTS["sample_steps"]:
+        note(f"sampling with {fitted} steps, the most this model's {diffusion.num_timesteps}-step schedule allows "
+             f"(spacing {diffusion.sampler_defaults.spacing!r}); --steps sets the count")
     return fitted
 
 
@@ -253,6 +286,9 @@ def _resolve_options(options):
         if not isinstance(options[name], int) or options[name] < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer (0 = never), "
                               f"got {options[name]!r}")
+    seed = options["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise ConfigError(f"--seed must be an integer in [0, 2**64), got {seed!r}")
     numbers = {"lr": dict(minimum=0.0, open_min=True), "weight_decay": dict(minimum=0.0),
                "grad_clip": dict(minimum=0.0), "ema_decay": dict(minimum=0.0, maximum=1.0, open_max=True)}
     for name, bounds in numbers.items():
@@ -268,10 +304,24 @@ def _lr_at(step, lr, warmup):
     return lr * min(1.0, (step + 1) / warmup) if warmup else lr
 
 
-def train(**options):
-    """Trains a model; returns {"step", "checkpoint", "loss"}. Options: see ``DEFAULTS``.
+def _check_run_folder(out):
+    """Refuses, before any work, a run folder that cannot hold checkpoint.pt and samples/."""
+    check_output_folder(out, "--out")
+    if os.path.isdir(out):
+        if os.path.isdir(os.path.join(out, CHECKPOINT_NAME)):
+            raise OutputError(f"--out {out!r} holds a folder named {CHECKPOINT_NAME!r} where the checkpoint goes; "
+                              f"move it away or choose another --out", errno.EISDIR)
+        check_output_file(os.path.join(out, CHECKPOINT_NAME), "--out")
+        check_output_folder(os.path.join(out, SAMPLES_FOLDER), "--out")
 
-    Raises DataError, CheckpointError, ConfigError or TrainingDiverged with a message for the user.
+
+def train(**options):
+    """Trains a model; returns {"step", "start_step", "checkpoint", "loss"}. Options: see ``DEFAULTS``.
+
+    The run folder (``out``) is checked before any work and locked (``out/.lock``) while the run
+    writes there: a second run on it is refused while the first lives. Raises DataError,
+    CheckpointError, ConfigError, TrainingDiverged, OutputError or RunLockedError with a message
+    for the user.
     """
     progress = options.pop("progress", True)
     resume = options.pop("resume", None)
@@ -279,10 +329,33 @@ def train(**options):
     unknown = sorted(set(given) - set(DEFAULTS))
     if unknown:
         raise ConfigError(f"unknown training options {unknown}")
-    out = given.get("out", DEFAULTS["out"])
-    state, path = None, None
+    path = None
     if resume:
-        path = os.path.join(out, CHECKPOINT_NAME) if resume == "auto" else resume
+        path = os.path.join(given.get("out", DEFAULTS["out"]), CHECKPOINT_NAME) if resume == "auto" else resume
+        path = os.fspath(path)
+        given.setdefault("out", os.path.dirname(os.path.abspath(path)))  # keep writing next to the checkpoint
+    out = given.get("out", DEFAULTS["out"])
+    _check_run_folder(out)
+    lock = RunLock(out, "--out", on_stale=note) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        if lock is not None:
+            stale = remove_stale_temporaries(out) + remove_stale_temporaries(os.path.join(out, SAMPLES_FOLDER))
+            if stale:
+                note(f"removed {len(stale)} temporary file(s) left in {out!r} by a run that was killed")
+        return _resume_and_train(given, path, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _resume_and_train(given, path, progress):
+    state = None
+    if path is not None:
+        if not os.path.exists(path):
+            raise ckpt.CheckpointError(f"checkpoint {path!r} does not exist, so there is nothing to --resume; give "
+                                       f"--resume the checkpoint's path, or drop --resume to start a new run")
         state = ckpt.load(path)
         saved = state["config"].get("train")
         if not isinstance(saved, dict) or "model" not in state or "optimizer" not in state:
@@ -293,7 +366,6 @@ def train(**options):
         if conflicts:
             raise ckpt.CheckpointError(f"checkpoint {path!r} comes from another configuration: "
                                        f"{', '.join(conflicts)}; drop these options to resume, or start a new run")
-        given.setdefault("out", os.path.dirname(os.path.abspath(path)))  # keep writing next to the checkpoint
         # Every option not given again continues with the checkpoint's value (lr, EMA decay, ...).
         given = {**{k: v for k, v in saved.items() if k in DEFAULTS and v is not None}, **given}
     options = _resolve_options(given)
@@ -335,17 +407,38 @@ def _train(options, state, resumed_from, world, progress):
     ema = EMA(model, options["ema_decay"])
     ema_model = build_model(config["model"], device).eval().requires_grad_(False)
     step = 0
+    if options["sample_every"]:
+        check_sample_steps(diffusion, options["sampler"], options["sample_steps"], "--sample-steps")
     checkpoint_path = os.path.join(options["out"], CHECKPOINT_NAME)
     if state is not None:
+        if "ema" not in state:
+            raise ckpt.CheckpointError(f"checkpoint {resumed_from!r} holds no EMA weights, so it cannot be resumed "
+                                       f"(sample from it with --no-ema, or start a new run)")
         ckpt.load_weights(model, state["model"], "model", resumed_from)
         ckpt.load_weights(ema, state["ema"], "EMA", resumed_from)
         try:
             optimizer.load_state_dict(state["optimizer"])
-            scaler.load_state_dict(state["scaler"])
+            if "scaler" in state:
+                scaler.load_state_dict(state["scaler"])
+            elif precision is torch.float16:
+                note(f"checkpoint {resumed_from!r} holds no GradScaler state; fp16 loss scaling starts afresh")
         except (KeyError, ValueError, RuntimeError) as error:
             raise ckpt.CheckpointError(f"the optimizer state in the checkpoint does not fit: {error}") from None
-        step = int(state["step"])
-        ckpt.set_rng_states(state["rng"])
+        try:
+            step = int(state["step"])
+        except (KeyError, TypeError, ValueError):
+            raise ckpt.CheckpointError(f"checkpoint {resumed_from!r} does not record its step; it cannot be "
+                                       f"resumed: start a new run") from None
+        try:
+            ckpt.set_rng_states(state["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
+            # The data, timesteps and noise of each step derive from (seed, step): the run continues
+            # with the same batches, only the global generators start afresh.
+            note(f"checkpoint {resumed_from!r} holds no usable random generator states; resuming without them "
+                 f"(the batches and noise are the same, the run may differ slightly from an uninterrupted one)")
+        if world.main:
+            print(f"resuming from {resumed_from!r} at step {step} (training to step {options['steps']})",
+                  file=sys.stderr, flush=True)
     if step >= options["steps"]:
         raise ConfigError(f"the checkpoint is at step {step}, --steps {options['steps']} is already reached "
                           f"(pass a larger --steps to train further)")
@@ -357,12 +450,13 @@ def _train(options, state, resumed_from, world, progress):
 
     sampler = StepSampler(len(images), options["batch_size"], seed, world.rank, world.world_size)
     total, last_good, loss_value = options["steps"], (checkpoint_path if state is not None else None), None
+    start_step = step
 
     def save_checkpoint(done):
         if world.main:
             ckpt.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                        "scaler": scaler.state_dict(), "step": done, "rng": ckpt.rng_states(), "config": config},
-                      checkpoint_path)
+                      checkpoint_path, option="--out")
         world.barrier()
 
     def write_samples(done):
@@ -370,7 +464,7 @@ def _train(options, state, resumed_from, world, progress):
         samples = generate(ema_model, diffusion, options["sample_n"], batch_size=options["sample_n"],
                            sampler=options["sampler"], steps=options["sample_steps"], seed=seed, dist_info=world)
         if world.main:
-            save_grid(samples, os.path.join(options["out"], "samples", f"step_{done:07d}.png"))
+            save_grid(samples, os.path.join(options["out"], SAMPLES_FOLDER, f"step_{done:07d}.png"), option="--out")
 
     bar = None
     if progress and world.main:
@@ -425,7 +519,7 @@ def _train(options, state, resumed_from, world, progress):
             last_good = checkpoint_path
     if bar is not None:
         bar.close()
-    return {"step": step, "checkpoint": checkpoint_path, "loss": loss_value}
+    return {"step": step, "start_step": start_step, "checkpoint": checkpoint_path, "loss": loss_value}
 
 
 # ---------------------------------------------------------------- evaluation
@@ -467,13 +561,14 @@ def export_diffusers(source, folder, clip=True):
     return save_diffusers_pipeline(model, diffusion, folder)
 
 
-def export_ema(source, destination, half=False):
+def export_ema(source, destination, half=False, option=None):
     """Writes a sampling-only checkpoint (config + EMA weights) from a training checkpoint."""
     state = ckpt.load(source)
     if "ema" not in state:
         raise ckpt.CheckpointError(f"checkpoint {source!r} holds no EMA weights")
+    check_finite_weights(state["ema"], f"checkpoint {os.fspath(source)!r}", "EMA weights")
     weights = {k: v.half() if half and v.is_floating_point() else v for k, v in state["ema"].items()}
-    ckpt.save({"config": state["config"], "ema": weights, "step": state.get("step", 0)}, destination)
+    ckpt.save({"config": state["config"], "ema": weights, "step": state.get("step", 0)}, destination, option)
 
 
 __all__ = ["train", "generate", "eval_bpd", "export_ema", "export_diffusers", "load_for_sampling", "ConfigError",

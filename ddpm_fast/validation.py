@@ -82,6 +82,16 @@ def check_timesteps(t, batch_size, num_timesteps, device, name="t"):
     return t.long()
 
 
+def check_one_timestep_per_item(name, x, t):
+    """A clearer message than t's shape check when x has no batch dimension (one [C, H, W] image):
+    x must be [batch, channels, height, width] with one timestep per item of the batch."""
+    if isinstance(x, torch.Tensor) and isinstance(t, torch.Tensor) and x.dim() >= 1 and t.dim() == 1 \
+            and t.shape[0] != x.shape[0]:
+        raise ValueError(f"{name} must be a batch [batch, channels, height, width] with one timestep per item in "
+                         f"t; got {name} of shape {list(x.shape)} and t of shape {list(t.shape)} (a single image "
+                         f"needs a batch dimension: {name}[None])")
+
+
 def check_int(name, value, minimum=None, maximum=None):
     """A Python int (not a bool) in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

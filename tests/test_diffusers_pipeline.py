@@ -707,4 +707,4 @@ def test_default_step_count_fits_a_short_schedule(pipeline_dir, tmp_path, capsys
     if sampler != "ddim":  # DDIM's leading spacing places 20 steps in 20 timesteps
         assert "sampling with 19 steps, the most this model's 20-step schedule allows" in err, err
         _fails(["sample", "--pipeline", str(folder), "--sampler", sampler, "--steps", "20", "--out",
-                str(tmp_path / "g.png")], capsys, "--steps 20 does not fit", "use --steps 19 or fewer")
+                str(tmp_path / "g.png")], capsys, "--steps 20 does not fit", "choose --steps at most 19")

@@ -6,7 +6,9 @@ emulated build of that copy is tested in a fresh process. Prints which tests cau
 mutation, and exits non-zero when one survived. Slow (one build per mutation), so not part of
 the default test run:
 
-    python tests/cuda_mutations.py [name ...]
+    python tests/cuda_mutations.py [--first] [name ...]
+
+--first stops each mutation's test run at its first failing test (a faster yes/no per mutation).
 """
 
 import os
@@ -120,7 +122,7 @@ def apply(source_dir, path, text, replacement):
         f.write(content.replace(text, replacement))
 
 
-def run(name, mutation, workdir):
+def run(name, mutation, workdir, first=False):
     source_dir = os.path.join(workdir, "csrc")
     shutil.rmtree(source_dir, ignore_errors=True)
     shutil.copytree(os.path.join(ROOT, "csrc"), source_dir)
@@ -128,7 +130,7 @@ def run(name, mutation, workdir):
     env = dict(os.environ, DDPM_FAST_EMULATION_SOURCES=source_dir)
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_cuda_emulated.py"),
-                             "-v", "-p", "no:cacheprovider"], capture_output=True, text=True, env=env, cwd=workdir)
+                             "-v", "-p", "no:cacheprovider", *(["-x"] if first else [])], capture_output=True, text=True, env=env, cwd=workdir)
     counts = {}
     for test in re.findall(r"::(\w+)\S* (?:FAILED|ERROR)", result.stdout):
         counts[test] = counts.get(test, 0) + 1
@@ -139,11 +141,13 @@ def run(name, mutation, workdir):
 
 
 def main(selected):
+    first = "--first" in selected
+    selected = [s for s in selected if s != "--first"]
     names = [n for n in MUTATIONS if not selected or any(s in n for s in selected)]
     survivors = []
     with tempfile.TemporaryDirectory() as workdir:
         for name in names:
-            counts, result, seconds = run(name, MUTATIONS[name], workdir)
+            counts, result, seconds = run(name, MUTATIONS[name], workdir, first)
             caught = ", ".join(f"{test} ({count})" for test, count in sorted(counts.items(), key=lambda kv: -kv[1]))
             print(f"{name}\n    -> {caught or 'NOT CAUGHT'}  [{seconds:.0f} s]", flush=True)
             if not counts:

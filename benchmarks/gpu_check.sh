@@ -3,7 +3,9 @@
 # triton, pytest and pytest-benchmark but no package registry:
 #   1. builds and installs ddpm_fast with its CUDA kernels (for this GPU's architecture),
 #   2. runs the whole test suite (the CUDA and Triton tests skipped on a CPU machine run here),
-#   3. runs the benchmark suite,
+#   3. runs the benchmark suite (every fused op: q_sample, the sampler step for DDPM / DDIM /
+#      DPM-Solver++ 2M and 3M and guided (2 x 128, bf16), GroupNorm + SiLU; the guided and
+#      unguided 20-step loops; diffusers' pipelines when its wheel is carried),
 #   4. writes OUTDIR/bench.json and the table OUTDIR/bench.md, with the logs beside them.
 #
 # Usage: benchmarks/gpu_check.sh OUTDIR        (run from anywhere; PYTHON picks the interpreter)

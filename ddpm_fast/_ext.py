@@ -12,7 +12,7 @@ import warnings
 import torch
 
 # The ops every build of the extension registers (torch.ops.ddpm_fast.*).
-OPS = ("q_sample", "reverse_step", "ddim_step", "dpm_solver_step", "group_norm_silu", "group_norm_silu_backward")
+OPS = ("q_sample", "sampler_step", "group_norm_silu", "group_norm_silu_backward")
 
 loaded = False
 with_cuda = False

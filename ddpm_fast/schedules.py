@@ -120,12 +120,12 @@ def reverse_step_table(quantities, prediction_type, variance_type):
     sigma = variance.sqrt().clone()
     sigma[0] = 0.0
     x0_from_xt, x0_from_model = x0_coefficients(quantities["alphas_cumprod"], prediction_type)
-    table = torch.empty(len(sigma), reference.STEP_TABLE_COLUMNS, dtype=torch.float64)
-    table[:, reference.X0_FROM_XT] = x0_from_xt
-    table[:, reference.X0_FROM_MODEL] = x0_from_model
-    table[:, reference.OUT_FROM_X0] = quantities["posterior_mean_coef1"]
-    table[:, reference.OUT_FROM_XT] = quantities["posterior_mean_coef2"]
-    table[:, reference.SIGMA] = sigma
+    table = torch.empty(len(sigma), reference.LEGACY_STEP_COLUMNS, dtype=torch.float64)
+    table[:, reference.LEGACY_X0_FROM_XT] = x0_from_xt
+    table[:, reference.LEGACY_X0_FROM_MODEL] = x0_from_model
+    table[:, reference.LEGACY_OUT_FROM_X0] = quantities["posterior_mean_coef1"]
+    table[:, reference.LEGACY_OUT_FROM_XT] = quantities["posterior_mean_coef2"]
+    table[:, reference.LEGACY_SIGMA] = sigma
     return table
 
 

@@ -6,8 +6,9 @@ This file compiles, with no GPU, what GPU launches would compile:
 
 1. The launchers run on CPU tensors under the interpreter with every kernel replaced by a
    recorder, over the shapes, dtypes and modes of ``_launches`` (chosen to reach each
-   specialization the launchers can pick). A recorded launch has the arguments, constexprs and
-   options that the launcher passes on a GPU: ``diffusion_steps.GPU_OPTIONS`` (which it passes
+   specialization the launchers can pick; for the sampler step, every combination of terms the
+   samplers use rather than the full cross product of its flags). A recorded launch has the arguments, constexprs and
+   options that the launcher passes on a GPU: ``kernels._common.GPU_OPTIONS`` (which it passes
    only off the interpreter) and the GroupNorm plan for the SM count of an A100 (sm_80) or an
    H100 (sm_90).
 2. A subprocess without TRITON_INTERPRET (under it ``triton.jit`` makes interpreted functions,
@@ -49,15 +50,15 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from ddpm_fast.kernels import diffusion_steps, group_norm_silu  # noqa: E402
+from ddpm_fast.kernels import _common, diffusion_steps, group_norm_silu, sampler_step  # noqa: E402
 
 # Compute capability -> SMs of the GPU the GroupNorm plan is made for (A100, H100 SXM).
 ARCHS = {80: 108, 90: 132}
 # Modules whose kernels are recorded: every triton.jit object in them.
-KERNEL_MODULES = (diffusion_steps, group_norm_silu)
+KERNEL_MODULES = (diffusion_steps, sampler_step, group_norm_silu)
 # Kernels that walk storage linearly, one element per lane: their full-size tensors must be
 # read and written in 128-bit vectors.
-ELEMENTWISE_MODULES = (diffusion_steps.__name__,)
+ELEMENTWISE_MODULES = (diffusion_steps.__name__, sampler_step.__name__)
 TABLE = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "triton-compiled.md"
 WORKER_TIMEOUT_S = 900
 
@@ -73,57 +74,70 @@ def _tensor(shape, dtype, channels_last=False, misaligned=False):
     return torch.empty(shape, dtype=dtype, memory_format=memory_format)
 
 
+# The terms of each sampler's step: (h1, h2, noise, store_x0). DDIM with eta > 0 is the DDPM
+# step with other rows (given or drawn noise), so it adds no specialization of its own.
+SAMPLER_COMBOS = {
+    "ddpm noise=given": (False, False, "given", False),
+    "ddpm noise=drawn": (False, False, "drawn", False),
+    "ddim eta=0": (False, False, None, False),
+    "dpm2m first step": (False, False, None, True),
+    "dpm2m": (True, False, None, True),
+    "dpm3m": (True, True, None, True),
+    "sde2m first step": (False, False, "drawn", True),
+    "sde2m": (True, False, "drawn", True),
+}
+
+
 def _diffusion_launches():
-    """(description, call) of the q_sample and step launchers.
+    """(description, call) of the q_sample and sampler-step launchers.
 
-    Every dtype x mode on two shapes whose sizes are all multiples of 16: 4x3x32x32 (3072
-    elements per sample >= BLOCK: FEW_ROWS) and 4x3x8x8 (a table row per element). In fp32 only:
-    batch 1 (a constant batch), odd sizes (no size divisible by 16: scalar accesses) and a
-    misaligned input (also bf16); int32 timesteps change only the timestep loads, so they get
-    one launch per kernel. Channels_last inputs compile to the same specializations (the kernels
-    walk storage linearly and take no strides).
+    Not the full cross product of the sampler step's presence flags (guidance x h1 x h2 x noise
+    kind x clip x x0 output: 96 specializations per dtype and shape, too slow for CI), but
+    every combination the samplers use (SAMPLER_COMBOS: DDPM, DDIM, DPM-Solver++ 2M / 3M and
+    SDE 2M, with their first steps), each unguided and guided, clip on and off, plus q_sample's
+    two modes, in every dtype on two shapes whose sizes are all multiples of 16: 4x3x32x32
+    (3072 elements per sample >= BLOCK: FEW_ROWS) and 4x3x8x8 (a table row per element). In
+    fp32 only: batch 1 (a constant batch), odd sizes (no size divisible by 16: scalar accesses)
+    and a misaligned input (also bf16), guided with clip (unguided differs only by the loads of
+    the other half); int32 indices change only the index loads, so they get one launch per
+    kernel. Channels_last inputs compile to the same specializations (the kernels walk storage
+    linearly and take no strides).
     """
-    def step_modes(x, t, table, seed):
-        for clip in (False, True):
-            for noise_mode in ("none", "given", "drawn"):
-                noise = torch.empty_like(x) if noise_mode == "given" else None
-                yield (f"step clip={int(clip)} noise={noise_mode}",
-                       lambda noise=noise, clip=clip, drawn=noise_mode == "drawn": diffusion_steps.reverse_step(
-                           x, torch.empty_like(x), t, table, clip, noise, seed if drawn else None))
+    def sampler_modes(x, t, seed, guided_only=False):
+        table = torch.zeros(1000, sampler_step.SAMPLER_STEP_COLUMNS)
+        for combo, (h1, h2, noise, store_x0) in SAMPLER_COMBOS.items():
+            for guided in (True,) if guided_only else (False, True):
+                for clip in (True,) if guided_only else (False, True):
+                    model_output = torch.empty((2 * x.shape[0], *x.shape[1:]) if guided else x.shape, dtype=x.dtype)
+                    terms = [torch.empty_like(x) if present else None for present in (h1, h2, noise == "given")]
+                    yield (f"sampler_step {combo} {'guided' if guided else 'unguided'} clip={int(clip)}",
+                           lambda m=model_output, terms=terms, clip=clip, drawn=noise == "drawn", store=store_x0:
+                           sampler_step.sampler_step(x, m, t, table, clip, *terms, seed if drawn else None, store))
 
-    def dpm_modes(x, t, table, seed):
-        for clip in (False, True):
-            for x0_prev in (None, torch.empty_like(x)):
-                yield (f"dpm_solver_step clip={int(clip)} x0_prev={'none' if x0_prev is None else 'given'}",
-                       lambda x0_prev=x0_prev, clip=clip: diffusion_steps.dpm_solver_step(
-                           x, torch.empty_like(x), x0_prev, t, table, clip))
-
-    def q_sample_modes(x, t, table, seed):
+    def q_sample_modes(x, t, seed, guided_only=False):
+        table = torch.zeros(1000, diffusion_steps.Q_SAMPLE_COLUMNS)
         yield "q_sample noise=given", lambda: diffusion_steps.q_sample(x, t, table, torch.empty_like(x), None)
         yield "q_sample noise=drawn", lambda: diffusion_steps.q_sample(x, t, table, None, seed)
 
-    def launches(shape, dtype, misaligned=False, t_dtype=torch.int64, first_mode_only=False):
+    def launches(shape, dtype, misaligned=False, t_dtype=torch.int64, first_mode_only=False, guided_only=False):
         x = _tensor(shape, dtype, misaligned=misaligned)
         t = torch.zeros(shape[0], dtype=t_dtype)
         seed = torch.zeros(1, dtype=torch.int64)
         where = "x".join(map(str, shape)) + (" misaligned" if misaligned else "") + (
             " t int32" if t_dtype == torch.int32 else "")
-        for mode, columns in ((q_sample_modes, diffusion_steps.Q_SAMPLE_COLUMNS),
-                              (step_modes, diffusion_steps.STEP_COLUMNS),
-                              (dpm_modes, diffusion_steps.STEP_COLUMNS)):
-            table = torch.zeros(1000, columns)
-            for name, call in list(mode(x, t, table, seed))[:1 if first_mode_only else None]:
+        for modes in (q_sample_modes, sampler_modes):
+            for name, call in list(modes(x, t, seed, guided_only))[:1 if first_mode_only else None]:
                 yield f"{name} {str(dtype).removeprefix('torch.')} {where}", call
 
     for shape in ((4, 3, 32, 32), (4, 3, 8, 8)):
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             yield from launches(shape, dtype)
     for shape in ((1, 3, 32, 32), (1, 3, 8, 8), (2, 3, 45, 45), (3, 3, 7, 7)):
-        yield from launches(shape, torch.float32)
+        yield from launches(shape, torch.float32, guided_only=True)
     for shape in ((4, 3, 32, 32), (4, 3, 8, 8)):
-        yield from launches(shape, torch.float32, misaligned=True)
+        yield from launches(shape, torch.float32, misaligned=True, guided_only=True)
         yield from launches(shape, torch.float32, t_dtype=torch.int32, first_mode_only=True)
-    yield from launches((4, 3, 32, 32), torch.bfloat16, misaligned=True)
+    yield from launches((4, 3, 32, 32), torch.bfloat16, misaligned=True, guided_only=True)
 
 
 def _group_norm_launches():
@@ -226,9 +240,9 @@ class _Recorder:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            if self.module is diffusion_steps:
+            if self.module.__name__ in ELEMENTWISE_MODULES:
                 assert "num_warps" not in kwargs, "the launcher now passes its options under the interpreter too"
-                kwargs = {**kwargs, **diffusion_steps.GPU_OPTIONS}  # passed only off the interpreter
+                kwargs = {**kwargs, **_common.GPU_OPTIONS}  # passed only off the interpreter
             self.sink.append({"kernel": f"{self.module.__name__}:{self.name}",
                               "args": [_encode(a) for a in args],
                               "kwargs": {k: _encode(v) for k, v in kwargs.items()}})

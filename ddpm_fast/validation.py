@@ -82,6 +82,29 @@ def check_timesteps(t, batch_size, num_timesteps, device, name="t"):
     return t.long()
 
 
+def check_class_labels(y, batch_size, num_classes, device, name="y"):
+    """y: integer class labels [batch] on ``device`` in [0, num_classes] (num_classes: the null label).
+
+    As for timesteps, the range is checked on the host for CPU tensors only (no host sync on
+    CUDA, where the embedding's gather stops on an out-of-range label). Returned as int64.
+    """
+    expected = (f"{name} must be an integer tensor (torch.long) of class labels of shape [batch] = "
+                f"[{batch_size}] with values in [0, {num_classes}] ({num_classes}: the null label)")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{expected}, got {describe(y)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{expected}, got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != batch_size:
+        raise ValueError(f"{expected}, got shape {list(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} must be on the device of the input ({device}), got {y.device}")
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high > num_classes:
+            raise ValueError(f"{expected}, got values from {low} to {high}")
+    return y.long()
+
+
 def check_int(name, value, minimum=None, maximum=None):
     """A Python int (not a bool) in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):

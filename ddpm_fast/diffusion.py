@@ -16,6 +16,7 @@ device-side assert.
 """
 
 import dataclasses
+import functools
 import math
 from types import SimpleNamespace
 
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import backends, reference, schedules
+from . import backends, conditioning, reference, schedules
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .ops import diffusion_steps as step_ops
 from .ops._common import draw_seed
@@ -332,12 +333,22 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training losses
 
-    def p_losses(self, denoise_model, x_start, t, noise=None, loss_type="mse"):
-        """The training loss at timesteps t: "mse" / "l1" (L_simple) or "vlb" (the bound's terms, bits/dim)."""
+    def p_losses(self, denoise_model, x_start, t, noise=None, loss_type="mse", *, y=None, cond_drop_prob=0.0,
+                 generator=None):
+        """The training loss at timesteps t: "mse" / "l1" (L_simple) or "vlb" (the bound's terms, bits/dim).
+
+        y: class labels [batch] for a class-conditional model (``model(x, t, y=y)``); each is
+        replaced by the model's null label with probability ``cond_drop_prob`` (label dropout for
+        classifier-free guidance), drawn from ``generator`` (torch's default one when None).
+        """
         self._check_model(denoise_model)
         t = self._check("x_start", x_start, t)
         self._check_optional_like("noise", noise, "x_start", x_start)
         check_choice("loss_type", loss_type, LOSS_TYPES)
+        y = conditioning.training_labels(denoise_model, y, x_start.shape[0], x_start.device, cond_drop_prob,
+                                         self._check_generator(generator, x_start.device))
+        if y is not None:
+            denoise_model = functools.partial(denoise_model, y=y)
         x_t, noise = self._q_sample_with_noise(x_start, t, noise)
         model_output = self._call_model(denoise_model, x_t, t)
         if loss_type == "vlb":

@@ -1,7 +1,7 @@
 """Training loop and sampling behind ``ddpm-fast train`` / ``sample`` / ``eval-bpd``.
 
-Reproducibility: everything random in a training step (the batch, the timesteps, the noise,
-dropout) is drawn from seeds derived from (seed, step, rank), and the checkpoint holds the
+Reproducibility: everything random in a training step (the batch, the timesteps, the noise, label
+dropout, dropout) is drawn from seeds derived from (seed, step, rank), and the checkpoint holds the
 model, EMA, optimizer, scaler, step and RNG states; so on the CPU, N steps in one run and
 k steps + ``--resume`` + N - k steps give the same weights bit for bit.
 

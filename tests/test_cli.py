@@ -49,6 +49,18 @@ def test_shipped_model_is_small_and_loads_weights_only():
     assert set(state) >= {"config", "ema"} and state["config"]["model"]["in_channels"] == 1
 
 
+def test_shipped_model_is_class_conditional():
+    from ddpm_fast.train import load_for_sampling
+
+    model, diffusion, state = load_for_sampling(ckpt.shipped_path(), torch.device("cpu"))
+    assert state["config"]["class_names"] == [str(i) for i in range(10)]
+    assert model.num_classes == 10 and model.null_class == 10
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 10])
+    with torch.no_grad():
+        threes, unconditional = model(x, t, y=torch.full((3,), 3)), model(x, t)
+    assert threes.shape == unconditional.shape == x.shape and not torch.allclose(threes, unconditional)
+
+
 def test_train_writes_checkpoint_and_grid(run_dir):
     assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "samples"]
     assert os.listdir(run_dir / "samples") == ["step_0000003.png"]

@@ -117,6 +117,12 @@ def build_parser():
     train.add_argument("--data", default=None, help="'digits', a folder of PNG/JPEG images, or a folder with "
                                                     "CIFAR-10's python batches (default: digits)")
     train.add_argument("--image-size", type=_positive_int, help="resize images to this size (default: the data's)")
+    train.add_argument("--class-cond", action="store_true", default=None,
+                       help="class-conditional model: the digits' labels, or an image folder's subfolders as "
+                            "classes (sorted names; torchvision's ImageFolder convention)")
+    train.add_argument("--cond-drop-prob", type=_float_in("a number in [0, 1]", low=0.0, high=1.0),
+                       help="--class-cond: probability of replacing a label by the null label, for "
+                            "classifier-free guidance (default 0.1)")
     train.add_argument("--preset", choices=sorted(UNet.PRESETS),
                        help="UNet preset (default: digits for digits, cifar10 otherwise)")
     train.add_argument("--ch", type=_positive_int, help="UNet base width (default: the preset's)")

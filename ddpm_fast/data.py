@@ -21,18 +21,24 @@ class DataError(ValueError):
     """The data cannot be used; the message says which path or value and why."""
 
 
-def load_dataset(source="digits", split="train", image_size=None, channels=None):
-    """Images of ``source`` as float32 [N, C, H, W] in [-1, 1].
+def load_dataset(source="digits", split="train", image_size=None, channels=None, labels=False):
+    """Images of ``source`` as float32 [N, C, H, W] in [-1, 1]; with ``labels=True``, the tuple
+    (images, labels, class_names): int64 class indices [N] and the names of the classes.
 
     source: "digits", a folder of PNG/JPEG images (searched recursively), or a folder holding
     CIFAR-10's python batches (``data_batch_1`` ... ``test_batch``, e.g. the extracted
     ``cifar-10-batches-py``). split: "train" or "test" (the held-out part). image_size and
     channels resize and convert images when given (None keeps the source's own).
+
+    Labels: the digits' own (classes "0" .. "9"); for an image folder, its subfolders name the
+    classes (torchvision's ImageFolder convention: class i is the i-th subfolder name in sorted
+    order, each holding that class's images, searched recursively); CIFAR-10's labels, named by
+    ``batches.meta`` when present. The held-out split is the same with or without labels.
     """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
     if source == "digits":
-        images = _digits()
+        images, targets, class_names = _digits()
     elif not isinstance(source, (str, os.PathLike)):
         raise DataError(f"data must be 'digits' or a folder path, got {source!r}")
     elif not os.path.exists(source):
@@ -42,31 +48,58 @@ def load_dataset(source="digits", split="train", image_size=None, channels=None)
         raise DataError(f"data {str(source)!r} is not a folder (expected a folder of PNG/JPEG images "
                         f"or CIFAR-10's python batches)")
     elif _is_cifar(source):
-        return _resize(_cifar(source, split), image_size, channels)
+        images, targets = _cifar(source, split)
+        images = _resize(images, image_size, channels)
+        return (images, targets, _cifar_class_names(source, targets)) if labels else images
     else:
-        images = _image_folder(source, image_size, channels)
-    return _resize(_held_out_split(images, split), image_size, channels)
+        images, targets, class_names = _image_folder(source, image_size, channels, labels)
+    images, targets = _held_out_split(images, targets, split)
+    images = _resize(images, image_size, channels)
+    return (images, targets, class_names) if labels else images
 
 
-def _held_out_split(images, split):
+def _held_out_split(images, targets, split):
     # A fixed permutation (independent of the training seed) so "test" never overlaps "train".
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     n_test = max(1, int(round(len(images) * HELD_OUT_FRACTION)))
     if len(images) < 2:
         raise DataError(f"need at least 2 images to hold some out for testing, got {len(images)}")
-    return images[order[:n_test]] if split == "test" else images[order[n_test:]]
+    keep = order[:n_test] if split == "test" else order[n_test:]
+    return images[keep], None if targets is None else targets[keep]
 
 
 def _digits():
     from sklearn.datasets import load_digits
 
-    pixels = load_digits().images.astype(np.float32)  # [1797, 8, 8], values 0..16
-    return torch.from_numpy(pixels / 8.0 - 1.0).unsqueeze(1)
+    digits = load_digits()
+    pixels = digits.images.astype(np.float32)  # [1797, 8, 8], values 0..16
+    images = torch.from_numpy(pixels / 8.0 - 1.0).unsqueeze(1)
+    return images, torch.from_numpy(digits.target.astype(np.int64)), [str(name) for name in digits.target_names]
 
 
-def _image_folder(folder, image_size, channels):
+def _class_folders(folder, paths):
+    """(labels, class_names) of image paths under ``folder``'s subfolders, ImageFolder-style."""
+    class_names = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    loose = [path for path in paths if os.path.dirname(path) == os.path.normpath(folder)]
+    if loose:
+        raise DataError(f"--class-cond reads the classes from the subfolders of {str(folder)!r} (one per class, "
+                        f"e.g. {os.path.join(str(folder), 'cat', 'img0.png')!r}), but {len(loose)} image(s) lie in "
+                        f"the folder itself (e.g. {os.path.basename(loose[0])!r}): move them into class subfolders, "
+                        f"or train without --class-cond")
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = [index[os.path.relpath(path, folder).split(os.sep)[0]] for path in paths]
+    empty = [name for name in class_names if name not in {os.path.relpath(p, folder).split(os.sep)[0] for p in paths}]
+    if empty:
+        raise DataError(f"class folder {os.path.join(str(folder), empty[0])!r} holds no images (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS)} files); every subfolder of {str(folder)!r} is a class")
+    return torch.tensor(labels, dtype=torch.long), class_names
+
+
+def _image_folder(folder, image_size, channels, labels=False):
+    """(images, labels or None, class names or None) of a folder of images."""
     from PIL import Image, UnidentifiedImageError
 
+    folder = os.path.normpath(os.fspath(folder))
     paths = sorted(
         os.path.join(root, name)
         for root, _, names in os.walk(folder)
@@ -76,6 +109,7 @@ def _image_folder(folder, image_size, channels):
     if not paths:
         raise DataError(f"data folder {str(folder)!r} holds no images (looked for {', '.join(IMAGE_EXTENSIONS)} "
                         f"files, and for CIFAR-10's data_batch_1..5 / test_batch)")
+    targets, class_names = _class_folders(folder, paths) if labels else (None, None)
     mode = {None: None, 1: "L", 3: "RGB"}.get(channels, "invalid")
     if mode == "invalid":
         raise DataError(f"channels must be 1 or 3 for image folders, got {channels}")
@@ -106,7 +140,7 @@ def _image_folder(folder, image_size, channels):
         batch = batch[:, None]
     else:
         batch = batch.transpose(0, 3, 1, 2)
-    return _to_unit_range(batch)
+    return _to_unit_range(batch), targets, class_names
 
 
 GREY_MODES = ("1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N")
@@ -157,7 +191,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _cifar(folder, split):
     names = CIFAR_TRAIN if split == "train" else CIFAR_TEST
-    batches = []
+    batches, targets = [], []
     for name in names:
         path = os.path.join(folder, name)
         if not os.path.exists(path):
@@ -167,12 +201,34 @@ def _cifar(folder, split):
             with open(path, "rb") as f:
                 entry = _CifarUnpickler(f, encoding="bytes").load()
             data = np.asarray(entry[b"data"], dtype=np.uint8)
+            batch_labels = np.asarray(entry.get(b"labels", []), dtype=np.int64)
         except Exception as error:  # truncated or foreign file: say which one
             raise DataError(f"cannot read CIFAR-10 batch {path!r}: {type(error).__name__}: {error}") from None
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
             raise DataError(f"CIFAR-10 batch {path!r} has data of shape {data.shape}, expected [N, 3072]")
         batches.append(data.reshape(-1, 3, 32, 32))
-    return _to_unit_range(np.concatenate(batches))
+        targets.append(batch_labels if len(batch_labels) == len(data) else None)
+    labels = None if any(t is None for t in targets) else torch.from_numpy(np.concatenate(targets))
+    return _to_unit_range(np.concatenate(batches)), labels
+
+
+def _cifar_class_names(folder, labels):
+    """CIFAR-10's class names from ``batches.meta`` (label_names), else "0" .. "9"."""
+    if labels is None:
+        raise DataError(f"the CIFAR-10 batches in {str(folder)!r} hold no labels (b'labels'); train without "
+                        f"--class-cond")
+    names = None
+    path = os.path.join(folder, "batches.meta")
+    if os.path.exists(path):
+        try:
+            with open(path, "rb") as f:
+                names = [bytes(n).decode() for n in _CifarUnpickler(f, encoding="bytes").load()[b"label_names"]]
+        except Exception as error:  # a foreign or truncated file: say which one
+            raise DataError(f"cannot read CIFAR-10 class names {path!r}: {type(error).__name__}: {error}") from None
+    count = max(10, int(labels.max()) + 1)
+    if names is None or len(names) < count:
+        names = [str(i) for i in range(count)]
+    return names
 
 
 def _resize(images, image_size, channels):

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import backends, reference, samplers, schedules
+from . import backends, conditioning, reference, samplers, schedules
 from .losses import discretized_gaussian_log_likelihood, mean_flat, normal_kl
 from .ops import diffusion_steps as step_ops
 from .ops._common import draw_seed
@@ -47,17 +47,12 @@ class GaussianDiffusion:
 
     Args:
         num_timesteps, beta_start, beta_end: the linear schedule of the reference class.
-        device: where the public schedule attributes live. ``None`` (the default) follows the
-            inputs: tables are kept on whatever device the tensors passed in are on.
-        schedule: "linear" or "cosine" (ignored when ``betas`` is given).
-        betas: an explicit 1-D sequence of betas.
+        device: where the public schedule attributes live (None: follow the inputs' device).
+        schedule: "linear" or "cosine"; betas: an explicit 1-D sequence of betas instead.
         prediction_type: what the model predicts: "epsilon" (the reference class), "x0" or "v".
-        variance_type: the fixed reverse variance, "posterior" (beta tilde, the reference class)
-            or "beta".
-        backend: "auto", "torch", "triton", "cuda" or "cpu" (see ``ddpm_fast.backends``);
-            ``DDPM_FAST_BACKEND`` in the environment replaces "auto".
-        sampler_defaults: a :class:`SamplerDefaults` for the options the sampling loops are
-            called without.
+        variance_type: the fixed reverse variance, "posterior" (beta tilde, the reference class) or "beta".
+        backend: "auto", "torch", "triton", "cuda" or "cpu" (``ddpm_fast.backends``; DDPM_FAST_BACKEND).
+        sampler_defaults: a :class:`SamplerDefaults` for the options sampling loops are called without.
     """
 
     def __init__(self, num_timesteps=1000, beta_start=0.0001, beta_end=0.02, device=None, *,
@@ -189,15 +184,22 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ training losses
 
-    def p_losses(self, denoise_model, x_start, t, noise=None, loss_type="mse"):
-        """The training loss at timesteps t: "mse" / "l1" (L_simple) or "vlb" (the bound's terms, bits/dim)."""
+    def p_losses(self, denoise_model, x_start, t, noise=None, loss_type="mse", *, y=None, cond_drop_prob=0.0,
+                 generator=None):
+        """The training loss at timesteps t: "mse" / "l1" (L_simple) or "vlb" (the bound's terms, bits/dim).
+
+        y: class labels [batch] of a class-conditional model, each replaced by its null label with
+        probability ``cond_drop_prob`` (label dropout for classifier-free guidance), drawn from ``generator``.
+        """
         check_model(denoise_model)
         check_one_timestep_per_item("x_start", x_start, t)
         t = self._check("x_start", x_start, t)
         check_optional_like("noise", noise, "x_start", x_start)
         check_choice("loss_type", loss_type, LOSS_TYPES)
+        y = conditioning.training_labels(denoise_model, y, x_start.shape[0], x_start.device, cond_drop_prob,
+                                         check_generator(generator, x_start.device))
         x_t, noise = self._q_sample_with_noise(x_start, t, noise)
-        model_output = samplers.call_model(denoise_model, x_t, t, cast=False)
+        model_output = samplers.call_model(denoise_model, x_t, t, y, cast=False)
         if loss_type == "vlb":
             return self._vb_terms_bpd(model_output.to(x_t.dtype), x_start, x_t, t)[0].mean()
         target = self._training_target(x_start, t, noise)

@@ -1,7 +1,7 @@
 """Training loop and sampling behind ``ddpm-fast train`` / ``sample`` / ``eval-bpd``.
 
-Reproducibility: everything random in a training step (the batch, the timesteps, the noise,
-dropout) is drawn from seeds derived from (seed, step, rank), and the checkpoint holds the
+Reproducibility: everything random in a training step (the batch, the timesteps, the noise, label
+dropout, dropout) is drawn from seeds derived from (seed, step, rank), and the checkpoint holds the
 model, EMA, optimizer, scaler, step and RNG states; so on the CPU, N steps in one run and
 k steps + ``--resume`` + N - k steps give the same weights bit for bit.
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import samplers
+from .conditioning import WithLabels
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
 from .errors import note
@@ -48,7 +49,7 @@ SEED_LIMIT = 2 ** 64  # torch.manual_seed takes seeds in [0, 2**64)
 
 # What shapes the model and the noise process: a resumed run must use the checkpoint's values.
 STRUCTURAL_OPTIONS = ("data", "preset", "ch", "ch_mult", "image_size", "timesteps", "schedule", "prediction_type",
-                      "loss_type", "batch_size", "seed")
+                      "loss_type", "batch_size", "seed", "class_cond")
 
 DEFAULTS = dict(
     data="digits", preset=None, ch=None, ch_mult=None, image_size=None, timesteps=1000, schedule="linear",
@@ -57,6 +58,9 @@ DEFAULTS = dict(
     # DPM-Solver++ 2M at 20 steps: the sample quality of DDIM at 50 steps and DDPM at 1000 on the
     # digits model (benchmarks/results/sampler-quality-cpu.md; docs/cli.md says why).
     sampler="dpm++2m", sample_steps=20, ckpt_every=1000, seed=0, device="auto", resume=None, progress=True,
+    # Class-conditional training with label dropout (classifier-free guidance): each label is
+    # replaced by the null label with probability cond_drop_prob (Ho & Salimans 2022 use 0.1 or 0.2).
+    class_cond=False, cond_drop_prob=0.1,
 )
 
 
@@ -290,12 +294,15 @@ def _resolve_options(options):
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
         raise ConfigError(f"--seed must be an integer in [0, 2**64), got {seed!r}")
     numbers = {"lr": dict(minimum=0.0, open_min=True), "weight_decay": dict(minimum=0.0),
-               "grad_clip": dict(minimum=0.0), "ema_decay": dict(minimum=0.0, maximum=1.0, open_max=True)}
+               "grad_clip": dict(minimum=0.0), "ema_decay": dict(minimum=0.0, maximum=1.0, open_max=True),
+               "cond_drop_prob": dict(minimum=0.0, maximum=1.0)}
     for name, bounds in numbers.items():
         try:
             options[name] = check_number(f"--{name.replace('_', '-')}", options[name], **bounds)
         except (TypeError, ValueError) as error:
             raise ConfigError(str(error)) from None
+    if not isinstance(options["class_cond"], bool):
+        raise ConfigError(f"--class-cond must be True or False, got {options['class_cond']!r}")
     return options
 
 
@@ -351,7 +358,7 @@ def train(**options):
 
 
 def _resume_and_train(given, path, progress):
-    state = None
+    state, explicit = None, set(given)
     if path is not None:
         if not os.path.exists(path):
             raise ckpt.CheckpointError(f"checkpoint {path!r} does not exist, so there is nothing to --resume; give "
@@ -361,14 +368,17 @@ def _resume_and_train(given, path, progress):
         if not isinstance(saved, dict) or "model" not in state or "optimizer" not in state:
             raise ckpt.CheckpointError(f"checkpoint {path!r} is not a training checkpoint (it holds no "
                                        f"optimizer state); start a new run instead of --resume")
-        conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {saved.get(k)!r})"
-                     for k in STRUCTURAL_OPTIONS if k in given and given[k] != saved.get(k)]
+        # An option the checkpoint lacks (written before it existed) had its default then.
+        conflicts = [f"--{k.replace('_', '-')} {given[k]!r} (checkpoint: {saved.get(k, DEFAULTS[k])!r})"
+                     for k in STRUCTURAL_OPTIONS if k in given and given[k] != saved.get(k, DEFAULTS[k])]
         if conflicts:
             raise ckpt.CheckpointError(f"checkpoint {path!r} comes from another configuration: "
                                        f"{', '.join(conflicts)}; drop these options to resume, or start a new run")
         # Every option not given again continues with the checkpoint's value (lr, EMA decay, ...).
         given = {**{k: v for k, v in saved.items() if k in DEFAULTS and v is not None}, **given}
     options = _resolve_options(given)
+    if "cond_drop_prob" in explicit and not options["class_cond"]:
+        raise ConfigError("--cond-drop-prob applies to class-conditional training: add --class-cond")
 
     world = Dist(options["device"])
     try:
@@ -385,7 +395,11 @@ def _train(options, state, resumed_from, world, progress):
                           f"({world.world_size}): each rank takes batch_size / world_size samples")
 
     data = options["data"]
-    images = load_dataset(data, "train", image_size=options["image_size"])
+    labels, class_names = None, None
+    if options["class_cond"]:
+        images, labels, class_names = load_dataset(data, "train", image_size=options["image_size"], labels=True)
+    else:
+        images = load_dataset(data, "train", image_size=options["image_size"])
     channels, image_size = images.shape[1], images.shape[-1]
     preset = options["preset"] or ("digits" if data == "digits" else "cifar10")
     options = dict(options, preset=preset, image_size=image_size)
@@ -396,8 +410,15 @@ def _train(options, state, resumed_from, world, progress):
                           prediction_type=options["prediction_type"]),
         "train": {k: v for k, v in options.items() if k not in ("device", "resume", "progress")},
     }
+    if class_names is not None:  # label i names class_names[i]; label len(class_names) is the null label
+        config["model"]["num_classes"] = len(class_names)
+        config["class_names"] = class_names
     if state is not None:  # the network as it was built, even if its preset has changed since
         config["model"], config["diffusion"] = state["config"]["model"], state["config"]["diffusion"]
+        if state["config"].get("class_names") != class_names:
+            raise ckpt.CheckpointError(f"the classes of --data {data!r} ({class_names}) are not those of the "
+                                       f"checkpoint {resumed_from!r} ({state['config'].get('class_names')}); resume with the "
+                                       f"same data, or start a new run")
 
     torch.manual_seed(seed)  # the initial weights: identical on every rank
     model = build_model(config["model"], device)
@@ -461,10 +482,16 @@ def _train(options, state, resumed_from, world, progress):
 
     def write_samples(done):
         ema.copy_to(ema_model)
-        samples = generate(ema_model, diffusion, options["sample_n"], batch_size=options["sample_n"],
-                           sampler=options["sampler"], steps=options["sample_steps"], seed=seed, dist_info=world)
+        grid_model, n, nrow = ema_model, options["sample_n"], None
+        if class_names is not None:  # one row per class: sample_n // K samples of each (at least one)
+            nrow = max(1, n // len(class_names))
+            y = torch.arange(len(class_names), device=device).repeat_interleave(nrow)
+            grid_model, n = WithLabels(ema_model, y), len(y)
+        samples = generate(grid_model, diffusion, n, batch_size=n, sampler=options["sampler"],
+                           steps=options["sample_steps"], seed=seed, dist_info=world)
         if world.main:
-            save_grid(samples, os.path.join(options["out"], SAMPLES_FOLDER, f"step_{done:07d}.png"), option="--out")
+            save_grid(samples, os.path.join(options["out"], SAMPLES_FOLDER, f"step_{done:07d}.png"), nrow=nrow,
+                      option="--out")
 
     bar = None
     if progress and world.main:
@@ -476,17 +503,20 @@ def _train(options, state, resumed_from, world, progress):
         # Everything random in this step is a function of (seed, step, rank): resuming reproduces it.
         # t and the noise are drawn for the whole global batch and sliced, as the data is, so the
         # run does not depend on the number of processes; dropout differs per rank.
-        x = images[sampler.indices(step)].to(device, non_blocking=True)
+        indices = sampler.indices(step)
+        x = images[indices].to(device, non_blocking=True)
+        y = None if labels is None else labels[indices].to(device, non_blocking=True)
         generator = torch.Generator(device).manual_seed(mix_seed(seed, step))
         t = torch.randint(0, diffusion.num_timesteps, (options["batch_size"],), device=device, generator=generator)
         noise = torch.randn((options["batch_size"], *x.shape[1:]), device=device, generator=generator)
         mine = slice(world.rank * len(x), (world.rank + 1) * len(x))
         t, noise = t[mine], noise[mine]
-        torch.manual_seed(mix_seed(seed, step, world.rank))
+        torch.manual_seed(mix_seed(seed, step, world.rank))  # dropout, and label dropout (per rank as well)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, options["lr"], options["warmup"])
         with torch.autocast(device.type, dtype=precision or torch.float32, enabled=precision is not None):
-            loss = diffusion.p_losses(train_model, x, t, noise=noise, loss_type=options["loss_type"])
+            loss = diffusion.p_losses(train_model, x, t, noise=noise, loss_type=options["loss_type"], y=y,
+                                      cond_drop_prob=options["cond_drop_prob"] if y is not None else 0.0)
         reported = loss.detach().float()
         if world.world_size > 1:
             dist.all_reduce(reported)  # every rank sees the same value, so all stop together

@@ -92,6 +92,29 @@ def check_one_timestep_per_item(name, x, t):
                          f"needs a batch dimension: {name}[None])")
 
 
+def check_class_labels(y, batch_size, num_classes, device, name="y"):
+    """y: integer class labels [batch] on ``device`` in [0, num_classes] (num_classes: the null label).
+
+    As for timesteps, the range is checked on the host for CPU tensors only (no host sync on
+    CUDA, where the embedding's gather stops on an out-of-range label). Returned as int64.
+    """
+    expected = (f"{name} must be an integer tensor (torch.long) of class labels of shape [batch] = "
+                f"[{batch_size}] with values in [0, {num_classes}] ({num_classes}: the null label)")
+    if not isinstance(y, torch.Tensor):
+        raise TypeError(f"{expected}, got {describe(y)}")
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"{expected}, got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != batch_size:
+        raise ValueError(f"{expected}, got shape {list(y.shape)}")
+    if y.device != device:
+        raise ValueError(f"{name} must be on the device of the input ({device}), got {y.device}")
+    if y.device.type == "cpu" and y.numel() and not torch.compiler.is_compiling():
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high > num_classes:
+            raise ValueError(f"{expected}, got values from {low} to {high}")
+    return y.long()
+
+
 def check_int(name, value, minimum=None, maximum=None):
     """A Python int (not a bool) in [minimum, maximum]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -173,24 +196,6 @@ def check_generator(generator, device):
         raise ValueError(f"generator must be a generator on {torch.device(device).type} (where the samples are "
                          f"drawn), got one on {generator.device}")
     return generator
-
-
-def check_labels(y, batch_size, num_classes, device, name="y"):
-    """Class labels: an int64 [batch_size] tensor on ``device`` with values in [0, num_classes).
-
-    The range is checked on the host for CPU tensors only (a check of CUDA values would sync).
-    """
-    if not isinstance(y, torch.Tensor) or y.dtype != torch.int64:
-        raise TypeError(f"{name} must be an int64 tensor of class labels, got {describe(y)}")
-    if y.dim() != 1 or y.shape[0] != batch_size:
-        raise ValueError(f"{name} must have shape [batch_size] = [{batch_size}], got {list(y.shape)}")
-    if y.device != torch.device(device) and not (y.device.type == torch.device(device).type == "cuda"):
-        raise ValueError(f"{name} must be on the samples' device ({device}), got {y.device}")
-    if y.device.type == "cpu" and not torch.compiler.is_compiling() and y.numel() and \
-            not bool(((y >= 0) & (y < num_classes)).all()):
-        raise ValueError(f"{name} must hold class labels in [0, {num_classes}), got values from "
-                         f"{int(y.min())} to {int(y.max())}")
-    return y
 
 
 def check_device(device):

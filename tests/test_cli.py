@@ -49,6 +49,18 @@ def test_shipped_model_is_small_and_loads_weights_only():
     assert set(state) >= {"config", "ema"} and state["config"]["model"]["in_channels"] == 1
 
 
+def test_shipped_model_is_class_conditional():
+    from ddpm_fast.train import load_for_sampling
+
+    model, diffusion, state = load_for_sampling(ckpt.shipped_path(), torch.device("cpu"))
+    assert state["config"]["class_names"] == [str(i) for i in range(10)]
+    assert model.num_classes == 10 and model.null_class == 10
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([999, 500, 10])
+    with torch.no_grad():
+        threes, unconditional = model(x, t, y=torch.full((3,), 3)), model(x, t)
+    assert threes.shape == unconditional.shape == x.shape and not torch.allclose(threes, unconditional)
+
+
 def test_train_writes_checkpoint_and_grid(run_dir):
     assert sorted(os.listdir(run_dir)) == ["checkpoint.pt", "samples"]
     assert os.listdir(run_dir / "samples") == ["step_0000003.png"]
@@ -180,3 +192,80 @@ def test_info_and_python_m_entry_points(capsys):
     via_info = subprocess.run([sys.executable, "-m", "ddpm_fast.info"], capture_output=True, text=True,
                               cwd=tempfile.gettempdir())
     assert via_info.stdout == via_module.stdout and "C++ extension:" in via_info.stdout
+
+
+# ---------------------------------------------------------------- class-conditional training
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    """A 3-step class-conditional digits run, with a grid of 2 samples per class at step 3."""
+    out = tmp_path_factory.mktemp("classes")
+    argv = ["train", "--class-cond", "--cond-drop-prob", "0.2", "--steps", "3", "--out", str(out), *FAST_TRAIN,
+            "--sample-every", "3", "--sample-n", "20", "--sample-steps", "2"]
+    assert main(argv) == 0
+    return out
+
+
+def test_train_class_cond_records_the_classes(class_run):
+    state = ckpt.load(class_run / "checkpoint.pt")
+    assert state["config"]["class_names"] == [str(i) for i in range(10)]
+    assert state["config"]["model"]["num_classes"] == 10
+    assert state["config"]["train"]["class_cond"] is True and state["config"]["train"]["cond_drop_prob"] == 0.2
+    assert state["ema"]["class_embed.weight"].shape == (11, 128)
+    # One row per class, two samples each: 10 rows of 2 tiles (8x8 digits enlarged to 32x32, 2 px apart).
+    grid = _png(class_run / "samples" / "step_0000003.png")
+    assert grid.shape == (10 * 34 + 2, 2 * 34 + 2)
+
+
+def test_class_conditional_checkpoint_samples_exports_and_evaluates(class_run, tmp_path, capsys):
+    path = str(class_run / "checkpoint.pt")
+    # Unconditional sampling (the null label) and the bound work as for any checkpoint.
+    assert main(["sample", "--ckpt", path, "--n", "3", "--steps", "2", "--out", str(tmp_path / "a.png")]) == 0
+    assert main(["eval-bpd", "--ckpt", path, "--n", "2", "--batch-size", "2"]) == 0
+    assert "bits/dim" in capsys.readouterr().out
+    small = tmp_path / "small.pt"
+    assert main(["export", "--ckpt", path, "--out", str(small), "--half"]) == 0
+    state = ckpt.load(small)
+    assert state["config"]["class_names"] == [str(i) for i in range(10)] and "class_embed.weight" in state["ema"]
+    assert main(["export", "--ckpt", path, "--diffusers", str(tmp_path / "pipe")]) == 0
+    import json
+
+    with open(tmp_path / "pipe" / "unet" / "config.json") as f:
+        config = json.load(f)
+    assert config["num_class_embeds"] == 11 and config["class_embed_type"] is None
+
+
+def test_train_class_cond_on_an_image_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name, count in (("zebra", 3), ("cat", 4), ("dog", 3)):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / name / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(tmp_path / "data"), "--preset", "tiny", "--class-cond", "--steps", "1",
+            "--out", str(out), *FAST_TRAIN]
+    assert main(argv) == 0
+    state = ckpt.load(out / "checkpoint.pt")
+    assert state["config"]["class_names"] == ["cat", "dog", "zebra"]  # sorted: label i is the i-th name
+    assert state["config"]["model"]["num_classes"] == 3
+    # An image directly in the data folder has no class: refused, with the layout to use.
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "data" / "loose.png")
+    capsys.readouterr()
+    assert main([*argv[:-len(FAST_TRAIN) - 2], "--out", str(tmp_path / "run2"), *FAST_TRAIN]) == 1
+    err = capsys.readouterr().err
+    assert "ddpm-fast: error: --class-cond reads the classes from the subfolders" in err and "'loose.png'" in err
+    assert not (tmp_path / "run2").exists()
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["train", "--cond-drop-prob", "0.2", "--steps", "1"], "--cond-drop-prob applies to class-conditional training"),
+    (["train", "--class-cond", "--cond-drop-prob", "1.5"], "expected a number in [0, 1], got '1.5'"),
+])
+def test_bad_class_options(tmp_path, capsys, argv, fragment):
+    try:
+        code = main([*argv, "--out", str(tmp_path / "x"), *FAST_TRAIN])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    assert code != 0 and fragment in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

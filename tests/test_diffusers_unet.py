@@ -192,6 +192,70 @@ def test_weights_are_copied_not_shared(reference):
     assert all(p.requires_grad and p.dtype == torch.float32 for p in ours.parameters())
 
 
+# ----------------------------------------------------------------------------- class-conditional models
+
+# SMALL_CONFIG with 4 classes and the null label: num_class_embeds = K + 1 = 5.
+CLASS_CONFIG = dict(SMALL_CONFIG, num_class_embeds=5)
+
+
+@pytest.fixture(scope="module")
+def class_reference():
+    """(diffusers UNet2DModel with 4 classes + the null row and random weights, x, t, labels)."""
+    model = randomize_weights(UNet2DModel(**CLASS_CONFIG)).eval()
+    x, t = inputs(3, 16, 2)
+    return model, x, t
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_class_conditional_model_has_diffusers_outputs(class_reference, fused):
+    model, x, t = class_reference
+    ours = UNet.from_diffusers(model, fused=fused)
+    assert ours.num_classes == 4 and ours.null_class == 4 and ours.config["num_classes"] == 4
+    assert torch.equal(ours.class_embed.weight, model.class_embedding.weight)
+    outputs = []
+    for labels in ([0, 3], [2, 1], [4, 4]):  # [4, 4]: the null row, for both samples
+        y = torch.tensor(labels)
+        with torch.no_grad():
+            expected = model(x, t, class_labels=y).sample
+            actual = ours(x, t, y=y)
+        assert relative_error(actual, expected) < TOLERANCE, labels
+        outputs.append(actual)
+    assert not torch.allclose(outputs[0], outputs[1], atol=1e-3)  # the labels matter
+    with torch.no_grad():
+        assert torch.equal(ours(x, t), outputs[2])  # y=None: the null row
+
+
+def test_class_conditional_export_round_trip(class_reference, tmp_path):
+    model, x, t = class_reference
+    ours = UNet.from_diffusers(model)
+    interop.save_unet(ours, tmp_path)
+    config = json.loads((tmp_path / interop.CONFIG_NAME).read_text())
+    assert config["num_class_embeds"] == 5 and config["class_embed_type"] is None
+    assert "class_embedding.weight" in load_file(str(tmp_path / interop.WEIGHTS_NAME))
+    loaded = UNet2DModel.from_pretrained(str(tmp_path)).eval()
+    assert state_dicts_identical(loaded.state_dict(), model.state_dict())
+    y = torch.tensor([1, 4])
+    with torch.no_grad():
+        assert relative_error(ours(x, t, y=y), loaded(x, t, class_labels=y).sample) < TOLERANCE
+    assert UNet.from_diffusers(tmp_path).config == ours.config
+    # A trained class-conditional model exports the same way.
+    trained = UNet(**dict(model_config_for("digits", 1, 8), num_classes=10))
+    assert interop.unet_config_to_diffusers(trained)["num_class_embeds"] == 11
+    assert interop.unet_config_to_diffusers(UNet.from_preset("digits"))["num_class_embeds"] is None
+
+
+def test_class_weights_must_match_the_config(class_reference):
+    from ddpm_fast.interop.diffusers.unet import _build_unet
+
+    state_dict = class_reference[0].state_dict()
+    # Class weights in a model without classes, or none in one with classes: named.
+    with pytest.raises(ValueError, match="unexpected class_embedding.weight"):
+        _build_unet(dict(SMALL_CONFIG), state_dict, "the UNet2DModel", True, "auto")
+    with pytest.raises(ValueError, match="missing class_embedding.weight"):
+        _build_unet(CLASS_CONFIG, {k: v for k, v in state_dict.items() if k != "class_embedding.weight"},
+                    "the UNet2DModel", True, "auto")
+
+
 # ----------------------------------------------------------------------------- exporting
 
 # Models `ddpm-fast train` makes: every preset, with the --ch / --ch-mult overrides.
@@ -291,7 +355,8 @@ def test_defaults_are_diffusers_own():
     ("downsample_type", "resnet"),
     ("upsample_type", "resnet"),
     ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10),
+    ("class_embed_type", "identity"),
+    ("num_class_embeds", 1),  # the null label alone: no class
     ("down_block_types", ["DownBlock2D", "AttnSkipDownBlock2D", "DownBlock2D", "DownBlock2D"]),
     ("up_block_types", ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),  # not the mirror
     ("block_out_channels", [128, 256, 256]),
@@ -367,8 +432,8 @@ def test_weights_that_do_not_fit_the_config(reference, tmp_path):
           "unexpected down_blocks.7.resnets.0.conv1.bias")
     check({**state_dict, "class_embedding.weight": torch.zeros(3)}, "unexpected class_embedding.weight")
     # The conversion alone names what it cannot place.
-    with pytest.raises(ValueError, match="unexpected key 'class_embedding.weight' in a UNet2DModel state_dict"):
-        interop.unet_state_dict_from_diffusers({**state_dict, "class_embedding.weight": torch.zeros(3)})
+    with pytest.raises(ValueError, match="unexpected key 'class_embedding.linear_1.weight' in a UNet2DModel"):
+        interop.unet_state_dict_from_diffusers({**state_dict, "class_embedding.linear_1.weight": torch.zeros(3)})
     without_v = {k: v for k, v in state_dict.items() if k != "down_blocks.0.attentions.0.to_v.bias"}
     with pytest.raises(ValueError, match="has no down_blocks.0.attentions.0.to_v.bias"):
         interop.unet_state_dict_from_diffusers(without_v)

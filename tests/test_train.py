@@ -237,3 +237,59 @@ def test_cifar_batches_load_and_foreign_pickles_are_refused(tmp_path):
         pickle.dump({b"data": Evil()}, f)
     with pytest.raises(DataError, match="cannot read CIFAR-10 batch .*not allowed"):
         load_dataset(str(tmp_path), "test")
+
+
+# ---------------------------------------------------------------- class-conditional training
+
+def test_class_conditional_resume_gives_the_same_weights_bit_for_bit(tmp_path):
+    # A high drop rate, so that which labels are dropped matters at every step.
+    options = dict(FAST, class_cond=True, cond_drop_prob=0.5)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    train(out=str(whole), steps=6, **options)
+    train(out=str(split), steps=4, **options)
+    result = train(out=str(split), steps=6, resume="auto", **dict(options, class_cond=None))  # from the checkpoint
+    assert result["step"] == 6
+    a, b = ckpt.load(whole / "checkpoint.pt"), ckpt.load(split / "checkpoint.pt")
+    assert _weights_equal(a["model"], b["model"]) and _weights_equal(a["ema"], b["ema"])
+    assert "class_embed.weight" in a["model"] and a["config"]["class_names"] == [str(i) for i in range(10)]
+    # Another drop rate gives other weights: the labels did reach the model, dropped as asked.
+    train(out=str(tmp_path / "other"), steps=6, **dict(options, cond_drop_prob=0.0))
+    assert not _weights_equal(ckpt.load(tmp_path / "other" / "checkpoint.pt")["model"], a["model"])
+
+
+def test_resume_refuses_to_change_class_conditioning(tmp_path):
+    train(out=str(tmp_path), steps=1, **FAST)
+    with pytest.raises(ckpt.CheckpointError, match="another configuration.*--class-cond True"):
+        train(out=str(tmp_path), steps=2, resume="auto", class_cond=True, **FAST)
+
+
+def test_labels_follow_their_images():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split in ("train", "test"):
+        images, labels, names = load_dataset("digits", split, labels=True)
+        assert torch.equal(images, load_dataset("digits", split)) and names == [str(i) for i in range(10)]
+        assert labels.dtype == torch.long and len(labels) == len(images)
+        # Each image's label is the label of that image in scikit-learn's arrays.
+        pixels = torch.from_numpy(digits.images.reshape(len(digits.images), -1).astype(np.float32) / 8 - 1)
+        for image, label in zip(images[:50], labels[:50]):
+            index = (pixels == image.flatten()).all(dim=1).nonzero()[:, 0]
+            assert label.item() in digits.target[index.numpy()]
+
+
+def test_image_folder_classes_are_the_sorted_subfolders(tmp_path):
+    _write_images(tmp_path / "imgs" / "b_second", 6, size=(8, 8))
+    _write_images(tmp_path / "imgs" / "a_first" / "nested", 4, size=(8, 8))  # searched recursively
+    images, labels, names = load_dataset(str(tmp_path / "imgs"), "train", labels=True)
+    test_images, test_labels, _ = load_dataset(str(tmp_path / "imgs"), "test", labels=True)
+    assert names == ["a_first", "b_second"] and len(labels) == 9 and len(test_labels) == 1
+    assert torch.equal(images, load_dataset(str(tmp_path / "imgs"), "train"))  # the same split as without labels
+    assert sorted(torch.cat([labels, test_labels]).tolist()) == [0] * 4 + [1] * 6
+    (tmp_path / "imgs" / "c_empty").mkdir()
+    with pytest.raises(DataError, match="class folder .*c_empty' holds no images"):
+        load_dataset(str(tmp_path / "imgs"), labels=True)
+    _write_images(tmp_path / "flat", 3, size=(8, 8))
+    with pytest.raises(DataError, match="reads the classes from the subfolders .*3 image\\(s\\) lie in the folder"):
+        load_dataset(str(tmp_path / "flat"), labels=True)
+    assert load_dataset(str(tmp_path / "flat")).shape[0] == 2  # without labels, as before

@@ -127,7 +127,7 @@ EXTENDED = dict(in_channels=3, image_size=16, block_out_channels=[32, 48], num_r
                 attn_resolutions=[16, 8], dropout=0.0, num_groups=8, norm_eps=1e-6, attention_head_dim=16,
                 flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, mid_attention=False)
 NEW_KEYS = dict(block_out_channels=None, norm_eps=1e-5, attention_head_dim=None, flip_sin_to_cos=True,
-                freq_shift=0, downsample_padding=1, mid_attention=True)
+                freq_shift=0, downsample_padding=1, mid_attention=True, num_classes=None)
 
 
 def test_extended_config_rebuilds_from_json():
@@ -375,3 +375,65 @@ def test_simple_unet_forward():
     torch.testing.assert_close(emb, timestep_embedding(t, 128))
     y.sum().backward()
     assert model.input_blocks[0].weight.grad is not None
+
+
+# ----------------------------------------------------------------------------- classes
+
+
+def test_class_conditional_unet_adds_one_embedding_row_per_class_and_the_null_row():
+    torch.manual_seed(0)
+    plain = UNet.from_preset("digits")
+    torch.manual_seed(0)
+    model = UNet.from_preset("digits", num_classes=10)
+    assert model.num_classes == 10 and model.null_class == 10 and plain.num_classes is plain.null_class is None
+    assert model.class_embed.weight.shape == (11, 4 * model.ch)
+    # The same network plus class_embed, starting from the same weights at the same seed.
+    ours, theirs = model.state_dict(), plain.state_dict()
+    assert set(ours) - set(theirs) == {"class_embed.weight"}
+    assert all(torch.equal(ours[key], theirs[key]) for key in theirs)
+    assert UNet(**model.config).state_dict().keys() == ours.keys()
+    assert model.config["num_classes"] == 10 and json.loads(json.dumps(model.config)) == model.config
+
+
+def test_labels_select_the_class_row_and_none_is_the_null_class():
+    model = randomize(UNet.from_preset("digits", num_classes=3))
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        null = model(x, t)
+        assert torch.equal(null, model(x, t, y=torch.full((4,), 3)))
+        for label in range(3):
+            assert not torch.allclose(model(x, t, y=torch.full((4,), label)), null)
+        # Each sample uses its own label: a mixed batch is the samples of single-label batches.
+        y = torch.tensor([0, 2, 3, 1])
+        mixed = model(x, t, y=y)
+        for i in range(4):
+            torch.testing.assert_close(mixed[i:i + 1], model(x[i:i + 1], t[i:i + 1], y=y[i:i + 1]))
+        # The class row is added to the timestep embedding after its MLP, before the SiLU.
+        with torch.no_grad():
+            model.class_embed.weight[1] = model.class_embed.weight[3]
+        torch.testing.assert_close(model(x, t, y=torch.ones(4, dtype=torch.long)), null, rtol=0, atol=0)
+    assert model(x, t, y=torch.tensor([0, 1, 2, 3], dtype=torch.int32)).shape == x.shape  # any integer dtype
+
+
+@pytest.mark.parametrize("y, error, match", [
+    (torch.tensor([0, 1, 2, 4]), ValueError, r"y must be an integer tensor .* in \[0, 3\] .*got values from 0 to 4"),
+    (torch.tensor([-1, 0, 0, 0]), ValueError, r"in \[0, 3\] .*got values from -1 to 0"),
+    (torch.tensor([0.0, 1.0, 2.0, 3.0]), TypeError, "y must be an integer tensor .*got dtype torch.float32"),
+    (torch.tensor([True, False, True, False]), TypeError, "y must be an integer tensor .*got dtype torch.bool"),
+    (torch.tensor([0, 1]), ValueError, r"y must be .*of shape \[batch\] = \[4\] .*got shape \[2\]"),
+    (torch.zeros(4, 1, dtype=torch.long), ValueError, r"got shape \[4, 1\]"),
+    ([0, 1, 2, 3], TypeError, r"y must be an integer tensor .*got \[0, 1, 2, 3\] \(list\)"),
+    (torch.zeros(4, dtype=torch.long, device="meta"), ValueError, "y must be on the device of the input"),
+])
+def test_bad_labels_name_y(y, error, match):
+    model = UNet.from_preset("digits", num_classes=3)
+    with pytest.raises(error, match=match):
+        model(torch.randn(4, 1, 8, 8), torch.zeros(4, dtype=torch.long), y=y)
+
+
+def test_labels_for_an_unconditional_unet_are_refused():
+    with pytest.raises(ValueError, match="y was given .* but this UNet has no classes"):
+        UNet.from_preset("digits")(torch.randn(2, 1, 8, 8), torch.zeros(2, dtype=torch.long), y=torch.zeros(2))
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises((TypeError, ValueError), match="num_classes must be an int"):
+            UNet.from_preset("digits", num_classes=bad)

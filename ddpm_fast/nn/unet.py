@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
-from ..validation import check_bool, check_int, check_number, describe
+from ..validation import check_bool, check_class_labels, check_int, check_number, describe
 from .group_norm_silu import GroupNormSiLU
 
 NUM_GROUPS = 32  # GroupNorm groups, as in the paper (the default of UNet(num_groups=...))
@@ -165,6 +165,13 @@ class UNet(nn.Module):
     :func:`timestep_embedding`); ``downsample_padding`` 1 pads the strided convolutions
     symmetrically, 0 as TF does; ``mid_attention`` puts attention between the two middle
     ResBlocks. ``fused`` and ``backend`` choose how GroupNorm + SiLU runs, not the network.
+
+    Class conditioning: ``num_classes=K`` adds ``class_embed``, an ``nn.Embedding(K + 1, 4 * ch)``
+    whose row for the label is added to the timestep embedding after its MLP (before the SiLU
+    the ResBlocks apply; where diffusers' ``UNet2DModel`` with ``num_class_embeds=K + 1`` adds
+    ``class_embedding``). Labels 0 .. K - 1 are the classes; row ``K`` (``model.null_class``) is
+    the null label, the unconditional model of classifier-free guidance. Such a model is called
+    ``model(x, t, y=labels)``; ``y=None`` means the null label for every sample.
     """
 
     PRESETS = {
@@ -183,7 +190,7 @@ class UNet(nn.Module):
     def __init__(self, in_channels=3, out_channels=None, ch=None, ch_mult=None, num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, image_size=32, fused=True, backend="auto",
                  num_groups=NUM_GROUPS, *, block_out_channels=None, norm_eps=NORM_EPS, attention_head_dim=None,
-                 flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_attention=True):
+                 flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_attention=True, num_classes=None):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         ch, ch_mult, block_out_channels, widths = self._resolve_widths(ch, ch_mult, block_out_channels)
@@ -192,6 +199,8 @@ class UNet(nn.Module):
         self._check_config(in_channels, out_channels, ch, widths, num_res_blocks, dropout, image_size, num_groups,
                            norm_eps, flip_sin_to_cos, freq_shift, downsample_padding, mid_attention, levels_name)
         backends.check_name(backend)
+        if num_classes is not None:
+            check_int("num_classes", num_classes, minimum=1)
         # Levels with attention: where an image_size input's feature map has a side in attn_resolutions.
         attn_levels = tuple(level for level in range(len(widths)) if image_size // 2 ** level in attn_resolutions)
         if attention_head_dim is not None:
@@ -207,7 +216,7 @@ class UNet(nn.Module):
                             num_groups=num_groups, block_out_channels=block_out_channels, norm_eps=norm_eps,
                             attention_head_dim=attention_head_dim, flip_sin_to_cos=flip_sin_to_cos,
                             freq_shift=freq_shift, downsample_padding=downsample_padding,
-                            mid_attention=mid_attention)
+                            mid_attention=mid_attention, num_classes=num_classes)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.ch, self.block_out_channels = ch, tuple(widths)
         self.num_levels, self.attn_levels, self._levels_name = len(widths), attn_levels, levels_name
@@ -259,6 +268,14 @@ class UNet(nn.Module):
         self.norm_out = norm_silu(cur, fused, backend, num_groups, norm_eps)
         self.conv_out = nn.Conv2d(cur, out_channels, 3, padding=1)
         self._init_weights()
+
+        # Classes: K rows and the null row K. Built last, so that the rest of a conditional network
+        # starts from the weights of the unconditional one at the same seed; N(0, 1) rows, as
+        # nn.Embedding (and diffusers' class_embedding) start.
+        self.num_classes = num_classes
+        self.null_class = num_classes  # the index of the null (unconditional) label; None without classes
+        if num_classes is not None:
+            self.class_embed = nn.Embedding(num_classes + 1, temb_ch)
 
     @staticmethod
     def _resolve_widths(ch, ch_mult, block_out_channels):
@@ -349,11 +366,28 @@ class UNet(nn.Module):
         if t.device != x.device:
             raise ValueError(f"t must be on x's device ({x.device}), got {t.device}")
 
-    def forward(self, x, t):
+    def _labels(self, y, x):
+        """The class labels of a batch: y checked, or the null label for every sample when y is None."""
+        if self.num_classes is None:
+            if y is not None:
+                raise ValueError(f"y was given ({describe(y)}) but this UNet has no classes (it was built "
+                                 f"without num_classes); call model(x, t), or build UNet(..., num_classes=K)")
+            return None
+        if y is None:
+            return torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
+        return check_class_labels(y, x.shape[0], self.num_classes, x.device)
+
+    def forward(self, x, t, y=None):
+        """The prediction for x at timesteps t; y: class labels [B] in [0, num_classes] (num_classes:
+        the null label), or None (the null label) for a class-conditional model; None otherwise."""
         self._check_input(x, t)
+        y = self._labels(y, x)
         emb = timestep_embedding(t, self.time_embed[0].in_features, flip_sin_to_cos=self.flip_sin_to_cos,
                                  freq_shift=self.freq_shift)
-        emb = self.time_embed(emb.to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed[:3](emb.to(self.time_embed[0].weight.dtype))
+        if y is not None:
+            emb = emb + self.class_embed(y).to(emb.dtype)
+        emb = self.time_embed[3](emb)
 
         h = self.conv_in(x)
         skips = [h]

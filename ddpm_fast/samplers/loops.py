@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from .. import backends, reference, schedules
 from ..ops._common import draw_seed
 from ..ops.sampler_step import run_sampler_step
-from ..validation import (check_bool, check_choice, check_float, check_generator, check_labels, check_model,
+from ..validation import (check_bool, check_choice, check_float, check_generator, check_class_labels, check_model,
                           check_number, check_shape, describe)
 from .coefficients import ddim_rows, ddpm_rows, dpm_solver_rows, history_length, with_guidance
 
@@ -43,9 +43,9 @@ def check_guidance(model, y, guidance_scale, guidance_rescale, batch_size, devic
         raise ValueError("y was given, but the model is unconditional (it has no classes); pass y=None, or train "
                          "a class-conditional model (num_classes=K)")
     if num_classes is not None:
-        y = check_labels(y, batch_size, num_classes, device)
+        y = check_class_labels(y, batch_size, num_classes, device)
     elif not isinstance(y, torch.Tensor):
-        raise TypeError(f"y must be an int64 tensor of class labels, got {describe(y)}")
+        raise TypeError(f"y must be an integer tensor of class labels, got {describe(y)}")
     if guidance_scale != 1.0 and not isinstance(getattr(model, "null_class", None), int):
         raise ValueError(f"guidance_scale={guidance_scale} needs a model with a null class (model.null_class, as "
                          f"ddpm_fast's UNet(num_classes=K) has) for the unconditional half")

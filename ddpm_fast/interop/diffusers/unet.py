@@ -14,6 +14,12 @@ the middle block) is the network of :class:`UNet`, module for module:
     down.i.downsample.conv          down_blocks.i.downsamplers.0.conv
     up.i.upsample.conv              up_blocks.i.upsamplers.0.conv
     norm_out                        conv_norm_out
+    class_embed                     class_embedding              (num_classes=K: num_class_embeds=K + 1)
+
+A class-conditional UNet (``num_classes=K``) is a ``UNet2DModel`` with ``num_class_embeds=K + 1``
+and ``class_embed_type=None``: the same ``nn.Embedding``, added to the timestep embedding at the
+same place; its last row, label K, is ddpm_fast's null label (``model(x, t)``), which diffusers'
+model is given as ``class_labels=torch.full((B,), K)``.
 
 An attention block's ``norm`` is diffusers' ``group_norm``, its 1x1 convolution ``qkv``
 [3C, C, 1, 1] is the three Linear layers ``to_q``, ``to_k``, ``to_v`` [C, C] stacked, and
@@ -117,8 +123,10 @@ def unet_config_from_diffusers(config):
     """The :class:`UNet` keyword arguments (without fused/backend) of a UNet2DModel config dict.
 
     Raises DiffusersFormatError naming the field for anything outside the DDPM family (other
-    block types or embeddings, class conditioning, scale-shift ResBlocks, centred input, another
-    activation, non-mirrored up blocks, unknown keys, ...): nothing is silently dropped.
+    block types or embeddings, class embeddings other than a table, scale-shift ResBlocks,
+    centred input, another activation, non-mirrored up blocks, unknown keys, ...): nothing is
+    silently dropped. ``num_class_embeds`` (with ``class_embed_type=None``) becomes
+    ``num_classes = num_class_embeds - 1``: its last row is the null label.
     """
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a dict (a UNet2DModel config), got {describe(config)}")
@@ -146,8 +154,14 @@ def unet_config_from_diffusers(config):
     require("resnet_time_scale_shift", c["resnet_time_scale_shift"] == "default", "'default'")
     require("downsample_type", c["downsample_type"] == "conv", "'conv'")
     require("upsample_type", c["upsample_type"] == "conv", "'conv'")
-    require("class_embed_type", c["class_embed_type"] is None, "None (no class conditioning)")
-    require("num_class_embeds", c["num_class_embeds"] is None, "None (no class conditioning)")
+    require("class_embed_type", c["class_embed_type"] is None,
+            "None (a table of num_class_embeds rows, or no class conditioning)")
+    num_classes = None
+    if c["num_class_embeds"] is not None:
+        check_int("num_class_embeds", c["num_class_embeds"], minimum=1)
+        require("num_class_embeds", c["num_class_embeds"] >= 2,
+                "None or K + 1 >= 2: K classes and the null label, the last row")
+        num_classes = c["num_class_embeds"] - 1
     # num_train_timesteps sizes the "learned" embedding only; the positional one has no table.
     if c["num_train_timesteps"] is not None:
         check_int("num_train_timesteps", c["num_train_timesteps"], minimum=1)
@@ -189,6 +203,7 @@ def unet_config_from_diffusers(config):
         freq_shift=c["freq_shift"],
         downsample_padding=c["downsample_padding"],
         mid_attention=check_bool("add_attention", c["add_attention"]),
+        num_classes=num_classes,
     )
 
 
@@ -241,7 +256,7 @@ def unet_config_to_diffusers(unet_or_config):
         "resnet_time_scale_shift": "default",
         "add_attention": config["mid_attention"],
         "class_embed_type": None,
-        "num_class_embeds": None,
+        "num_class_embeds": None if model.num_classes is None else model.num_classes + 1,
         "num_train_timesteps": None,
     }
 
@@ -264,6 +279,7 @@ _MODULES = [
     ("up.{i}.upsample.conv", "up_blocks.{i}.upsamplers.0.conv", "plain"),
     ("norm_out", "conv_norm_out", "plain"),
     ("conv_out", "conv_out", "plain"),
+    ("class_embed", "class_embedding", "plain"),
 ]
 # Submodules of a ResBlock (ResnetBlock2D) and of an AttnBlock (Attention; qkv is apart).
 _RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2",

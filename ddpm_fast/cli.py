@@ -102,7 +102,7 @@ PIPELINE_HELP = ("a diffusers DDPMPipeline folder (model_index.json, unet/, sche
 
 def build_parser():
     from .nn.unet import UNet
-    from .train import DEFAULTS, SAMPLERS
+    from .train import DEFAULT_GUIDANCE, DEFAULTS, SAMPLERS
 
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM training and sampling.",
                                      epilog="Errors end with one 'ddpm-fast: error: ...' line and exit code 1 "
@@ -183,6 +183,12 @@ def build_parser():
                              f"when the model's schedule cannot place that many)")
     sample.add_argument("--eta", type=_non_negative_float, default=0.0,
                         help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
+    sample.add_argument("--class", dest="class_", metavar="K",
+                        help="a class-conditional model's class (its index or name), or 'all' for one grid row per "
+                             "class (default: unconditional samples)")
+    sample.add_argument("--guidance", type=_float_in("a finite number"), default=DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale with --class: 1 = the conditional model alone, 0 = "
+                             "the unconditional one, above 1 = further from it")
     # No default here: it depends on the source (see _run_sample); SUPPRESS leaves it out of args.
     sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                         help="clamp the predicted x_0 to [-1, 1] at every step (default: on for --ckpt; for "
@@ -264,25 +270,28 @@ def _load_model(args, device):
 def _run_sample(args):
     from .fileio import check_output_file
     from .images import save_grid, save_npz
-    from .train import Dist, check_sample_steps, generate
+    from .train import Dist, check_sample_steps, generate, sample_labels
 
     check_output_file(args.out, "--out")
     if args.npz:
         check_output_file(args.npz, "--npz")
     world = Dist(args.device)
     try:
-        model, diffusion, _ = _load_model(args, world.device)
+        model, diffusion, state = _load_model(args, world.device)
         check_sample_steps(diffusion, args.sampler, args.steps, "--steps")
+        class_names = state["config"].get("class_names") if state else None
+        labels, nrow = sample_labels(args.class_, args.n, model, class_names)
         # --clip's default: on for checkpoints (better samples), the scheduler's clip_sample for a
         # pipeline (what diffusers' own samplers would do with it).
         clip = getattr(args, "clip", diffusion.sampler_defaults.clip_denoised if args.pipeline else True)
         samples = generate(model, diffusion, args.n, batch_size=args.batch_size, sampler=args.sampler,
                            steps=args.steps, eta=args.eta, seed=args.seed, clip=clip, dist_info=world,
-                           progress=args.progress and world.main)
+                           progress=args.progress and world.main, y=labels,
+                           guidance_scale=args.guidance if labels is not None else 1.0)
         if world.main:
-            save_grid(samples, args.out, option="--out")
+            save_grid(samples, args.out, nrow=nrow, option="--out")
             if args.npz:
-                save_npz(samples, args.npz, option="--npz")
+                save_npz(samples, args.npz, option="--npz", labels=labels)
             print(f"wrote {args.n} samples to {args.out}" + (f" and {args.npz}" if args.npz else ""))
     finally:
         world.close()

@@ -47,8 +47,11 @@ def save_grid(images, path, nrow=None, padding=2, option=None):
     atomic_write(path, lambda f: image.save(f, format="PNG"), option)
 
 
-def save_npz(images, path, option=None):
-    """Writes the samples as uint8 [N, H, W, C] under key ``arr_0`` (the layout FID tools read)
-    and the float values in [-1, 1] as ``samples`` [N, C, H, W]."""
+def save_npz(images, path, option=None, labels=None):
+    """Writes the samples as uint8 [N, H, W, C] under key ``arr_0`` (the layout FID tools read),
+    the float values in [-1, 1] as ``samples`` [N, C, H, W] and, for class-conditional samples,
+    their class labels [N] as ``labels``."""
     arrays = {"arr_0": to_uint8(images), "samples": images.detach().float().cpu().numpy()}
+    if labels is not None:
+        arrays["labels"] = labels.detach().cpu().numpy()
     atomic_write(path, lambda f: np.savez(f, **arrays), option)

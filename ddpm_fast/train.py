@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import samplers
-from .conditioning import WithLabels
+from .conditioning import WithLabels, model_classes
 from .data import DataError, StepSampler, load_dataset, mix_seed
 from .ema import EMA
 from .errors import note
@@ -62,6 +62,11 @@ DEFAULTS = dict(
     # replaced by the null label with probability cond_drop_prob (Ho & Salimans 2022 use 0.1 or 0.2).
     class_cond=False, cond_drop_prob=0.1,
 )
+
+
+# The classifier-free guidance scale of `ddpm-fast sample --class` (docs/sampling.md measures it
+# on the shipped digits model).
+DEFAULT_GUIDANCE = 1.0
 
 
 class ConfigError(ValueError):
@@ -201,6 +206,32 @@ def load_for_sampling(path, device, use_ema=True):
 
 
 # ---------------------------------------------------------------- sampling (sharded over ranks)
+
+def sample_labels(spec, n, model, class_names=None):
+    """(labels [n] or None, samples per grid row or None) for --class: a class (index or name), or "all".
+
+    "all" draws ceil(n / K) samples of each class in turn, so a grid with that many per row shows
+    one class per row. None: unconditional samples (the null label of a class-conditional model).
+    """
+    if spec is None:
+        return None, None
+    num_classes, _ = model_classes(model)
+    if num_classes is None:
+        raise ConfigError(f"--class {spec} needs a class-conditional model (trained with --class-cond); this one "
+                          f"has no classes")
+    names = [str(name) for name in class_names] if class_names else [str(k) for k in range(num_classes)]
+    if spec == "all":
+        per_class = math.ceil(n / num_classes)
+        return torch.arange(num_classes).repeat_interleave(per_class)[:n], per_class
+    if spec in names:
+        index = names.index(spec)
+    elif spec.isdigit() and int(spec) < num_classes:
+        index = int(spec)
+    else:
+        shown = ", ".join(names[:20]) + (", ..." if len(names) > 20 else "")
+        raise ConfigError(f"--class {spec!r} is not a class of this model; its classes are {shown} (or 'all')")
+    return torch.full((n,), index, dtype=torch.long), None
+
 
 def sample_steps(diffusion, sampler, steps=None):
     """The step count of a sampler: ``steps``, checked against the schedule, or the default, fitted to it.
@@ -417,8 +448,8 @@ def _train(options, state, resumed_from, world, progress):
         config["model"], config["diffusion"] = state["config"]["model"], state["config"]["diffusion"]
         if state["config"].get("class_names") != class_names:
             raise ckpt.CheckpointError(f"the classes of --data {data!r} ({class_names}) are not those of the "
-                                       f"checkpoint {resumed_from!r} ({state['config'].get('class_names')}); resume with the "
-                                       f"same data, or start a new run")
+                                       f"checkpoint {resumed_from!r} ({state['config'].get('class_names')}); "
+                                       f"resume with the same data, or start a new run")
 
     torch.manual_seed(seed)  # the initial weights: identical on every rank
     model = build_model(config["model"], device)

@@ -22,7 +22,8 @@ from setuptools.command.build_py import build_py
 ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 
-PACKAGES = ["ddpm_fast", "ddpm_fast.ops", "ddpm_fast.nn", "ddpm_fast.interop", "ddpm_fast.kernels"]
+PACKAGES = ["ddpm_fast", "ddpm_fast.ops", "ddpm_fast.nn", "ddpm_fast.interop", "ddpm_fast.kernels",
+            "ddpm_fast.metrics"]
 PACKAGE_DIR = {"ddpm_fast": "ddpm_fast", "ddpm_fast.kernels": "kernels"}
 
 

@@ -146,6 +146,20 @@ def reference_statistics(ref, net, batch_size=200, progress=False, use_cache=Tru
 
 # ---------------------------------------------------------------- the scores
 
+def raise_on_every_rank(failure, dist_info):
+    """Raises the main rank's set-up error (or None: nothing) on every rank, so that no rank
+    waits forever in a collective the main rank will never join."""
+    if dist_info is not None and dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        message = [None if failure is None else str(failure)]
+        dist.broadcast_object_list(message, src=0)
+        if message[0] is not None and failure is None:
+            failure = MetricsError(message[0])
+    if failure is not None:
+        raise failure
+
+
 def compute_metrics(features, reference, seed=0):
     """{"fid", "kid_mean", "kid_std", "precision", "recall", sizes}: features [N, D] of the samples
     against a reference from :func:`reference_statistics`. KID, precision and recall are None
@@ -179,14 +193,21 @@ def evaluate(model, diffusion, n, *, features=None, ref="digits", batch_size=64,
     """
     from ..train import generate
 
+    from ..data import DataError
+
     main = dist_info is None or dist_info.main
     config = model.config
     features = features or default_features(config["in_channels"], config["image_size"])
-    if main and net is None:  # fail before sampling when the weights or the reference are missing
-        net = feature_network(features, device=next(model.parameters()).device,
-                              inception_weights=inception_weights, download=download)
-    if main and reference is None:
-        reference = reference_statistics(ref, net, batch_size=feature_batch_size, progress=progress)
+    failure = None
+    try:  # on the main rank, fail before sampling when the weights or the reference are missing
+        if main and net is None:
+            net = feature_network(features, device=next(model.parameters()).device,
+                                  inception_weights=inception_weights, download=download)
+        if main and reference is None:
+            reference = reference_statistics(ref, net, batch_size=feature_batch_size, progress=progress)
+    except (MetricsError, DataError) as error:
+        failure = error
+    raise_on_every_rank(failure, dist_info)
     start = time.perf_counter()
     samples = generate(model, diffusion, n, batch_size=batch_size, dist_info=dist_info, progress=progress and main,
                        **sampling)

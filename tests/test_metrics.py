@@ -55,7 +55,8 @@ def _load_modules(monkeypatch, package, modules, stubs):
 
 @pytest.fixture
 def pytorch_fid(monkeypatch):
-    stubs = {"torchvision": {}, "torchvision.transforms": {}, "pytorch_fid.inception": {"InceptionV3": types.SimpleNamespace(BLOCK_INDEX_BY_DIM={2048: 3}, DEFAULT_BLOCK_INDEX=3)}}
+    inception = types.SimpleNamespace(BLOCK_INDEX_BY_DIM={2048: 3}, DEFAULT_BLOCK_INDEX=3)  # its CLI's defaults
+    stubs = {"torchvision": {}, "torchvision.transforms": {}, "pytorch_fid.inception": {"InceptionV3": inception}}
     (fid_score,) = _load_modules(monkeypatch, "pytorch_fid", ["fid_score"], stubs)
     return fid_score
 
@@ -321,7 +322,8 @@ def test_real_vs_real_digits_fid_is_near_zero_noise_far_above_samples(digits_net
 
     real_vs_real = fid(a, metrics.feature_statistics(b))
     held_out = fid(test)
-    noise = ev.extract_features(digits_net, torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    uniform = torch.rand(200, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    noise = ev.extract_features(digits_net, uniform)
     model, diffusion, _ = load_for_sampling(checkpoint.shipped_path(), torch.device("cpu"))
     samples = ev.extract_features(digits_net, generate(model, diffusion, 200, batch_size=200, sampler="dpm++2m",
                                                        steps=10, seed=0))

@@ -5,8 +5,9 @@ The network (three 3x3 convolutions, 64-d features, a 10-way head) is trained on
 split of ``ddpm_fast.data.load_dataset("digits", "train")`` only (the held-out tenth stays
 unseen), deterministically on the CPU in a few seconds, and ships as
 ``ddpm_fast/assets/digits_features.pt``. Its features are the 64 pre-activation values of the
-penultimate layer, scaled to unit mean variance over the training digits. A "digits FID" computed on them is specific to this network: it ranks
-models and samplers of the digits, and is not comparable with an Inception FID.
+penultimate layer, scaled to unit mean variance over the training digits. A "digits FID"
+computed on them is specific to this network: it ranks models and samplers of the digits, and
+is not comparable with an Inception FID.
 
 Input convention: uint8 images [N, 1, 8, 8] (samples quantised as ``images.to_uint8`` does).
 """
@@ -156,15 +157,18 @@ def _train(out, epochs, batch_size, lr, weight_decay, seed, load_dataset, atomic
     return net, accuracy
 
 
-def file_sha256(path, _cache={}):
+_SHA256 = {}
+
+
+def file_sha256(path):
     """sha256 of a file's bytes (remembered per path, size and mtime)."""
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _cache:
+    if key not in _SHA256:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
-        _cache[key] = digest.hexdigest()
-    return _cache[key]
+        _SHA256[key] = digest.hexdigest()
+    return _SHA256[key]
 

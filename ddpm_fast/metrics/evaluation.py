@@ -217,7 +217,7 @@ def evaluate(model, diffusion, n, *, features=None, ref="digits", batch_size=64,
     sample_features = extract_features(net, to_uint8(samples), batch_size=feature_batch_size, progress=progress,
                                        desc=f"sample {net.name} features")
     result = compute_metrics(sample_features, reference)
-    result.update(features=features, ref=str(ref), reference_cache=reference.get("cache"),
+    result.update(features=features, ref=str(ref), reference_cache=reference.get("cache"), batch_size=batch_size,
                   sampling_seconds=round(sampling_seconds, 3),
                   **{k: v for k, v in sampling.items() if isinstance(v, (int, float, str, bool, type(None)))})
     return result

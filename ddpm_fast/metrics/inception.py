@@ -285,8 +285,13 @@ class InceptionFeatures(nn.Module):
                                f"(quantise samples with ddpm_fast.metrics.to_uint8 first)")
         if images.dim() != 4 or images.shape[1] not in (1, 3):
             raise MetricsError(f"InceptionFeatures takes images [N, 1 or 3, H, W], got shape {tuple(images.shape)}")
-        device = self.fc.weight.device
-        x = images.to(device)
+        # Full float32 convolutions on GPUs too: cuDNN's default TF32 would change the features
+        # by about 1e-3 relative.
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, benchmark=torch.backends.cudnn.benchmark,
+                                        deterministic=torch.backends.cudnn.deterministic, allow_tf32=False):
+            return self._features(images.to(self.fc.weight.device))
+
+    def _features(self, x):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = resize_bilinear_tf1(x.float(), (INPUT_SIZE, INPUT_SIZE))

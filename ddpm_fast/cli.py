@@ -105,9 +105,10 @@ def _add_eval_parser(commands):
     evaluation.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=1000,
                             help="number of samples (FID and KID are biased upwards at small N: compare models at "
                                  "the same N; 10000 or 50000 for numbers to publish)")
-    evaluation.add_argument("--features", choices=["inception", "digits"], default=None,
+    # SUPPRESS: the defaults depend on the model, which the help says (read with getattr in _run_eval).
+    evaluation.add_argument("--features", choices=["inception", "digits"], default=argparse.SUPPRESS,
                             help="feature network (default: digits for 8x8 grey images, else inception)")
-    evaluation.add_argument("--ref", default=None,
+    evaluation.add_argument("--ref", default=argparse.SUPPRESS,
                             help="'digits' (its training split), a folder of images or of CIFAR-10 batches, or a "
                                  "statistics .npz with mu/sigma (FID only) (default: the checkpoint's training "
                                  "data; required with --pipeline)")
@@ -281,14 +282,15 @@ def _run_eval(args):
     from .metrics.evaluation import evaluate, format_table
     from .train import ConfigError, Dist
 
-    if args.pipeline and not args.ref:
+    given_ref, features = getattr(args, "ref", None), getattr(args, "features", None)
+    if args.pipeline and not given_ref:
         raise ConfigError("eval --pipeline needs --ref: a pipeline folder does not record its training data")
     world = Dist(args.device)
     try:
         model, diffusion, state = _load_model(args, world.device)
-        ref = args.ref or (state["config"].get("train", {}).get("data") or "digits")
+        ref = given_ref or (state["config"].get("train", {}).get("data") or "digits")
         options = _sampling_options(args, diffusion)
-        result = evaluate(model, diffusion, args.n, features=args.features, ref=ref, batch_size=args.batch_size,
+        result = evaluate(model, diffusion, args.n, features=features, ref=ref, batch_size=args.batch_size,
                           inception_weights=args.inception_weights, download=args.download_weights,
                           dist_info=world, progress=args.progress and world.main, **options)
         if world.main:

@@ -399,6 +399,9 @@ def _evaluator(options, ema, ema_model, diffusion, world, bar):
     so a missing Inception weights file stops the run before its first step."""
     if not options["eval_every"]:
         return None
+    if options["eval_n"] < 4:
+        raise ConfigError(f"--eval-n must be at least 4 (precision and recall compare each sample with its 3 "
+                          f"nearest neighbours), got {options['eval_n']}")
     import json
 
     from .metrics import MetricsError
@@ -421,10 +424,13 @@ def _evaluator(options, ema, ema_model, diffusion, world, bar):
 
     def run(step, loss):
         ema.copy_to(ema_model)
-        result = evaluate(ema_model, diffusion, options["eval_n"], features=features, ref=options["data"],
-                          batch_size=min(options["eval_n"], options["batch_size"]), dist_info=world, net=net,
-                          reference=reference, sampler=options["sampler"], steps=options["sample_steps"],
-                          seed=options["seed"])
+        try:
+            result = evaluate(ema_model, diffusion, options["eval_n"], features=features, ref=options["data"],
+                              batch_size=min(options["eval_n"], options["batch_size"]), dist_info=world, net=net,
+                              reference=reference, sampler=options["sampler"], steps=options["sample_steps"],
+                              seed=options["seed"])
+        except MetricsError as error:
+            raise ConfigError(f"--eval-every at step {step}: {error}") from None
         if not world.main:
             return
         kid = "n/a" if result["kid_mean"] is None else f"{result['kid_mean']:.5f} ± {result['kid_std']:.5f}"

@@ -157,6 +157,9 @@ def test_train_eval_every_logs_the_metrics(tmp_path, monkeypatch, capsys):
     assert [r["step"] for r in records] == [1, 2]
     assert all(np.isfinite(r["fid"]) and r["precision"] is not None and r["loss"] > 0 for r in records)
     assert len(os.listdir(tmp_path / "cache" / "ddpm_fast")) == 1  # the reference statistics, computed once
+    _fails(["train", "--steps", "1", "--out", str(tmp_path / "x"), *FAST_TRAIN, "--eval-every", "1", "--eval-n", "2"],
+           capsys, "--eval-n must be at least 4")
+    _fails(["eval", "--n", "2", "--steps", "2", "--no-progress"], capsys, "more than 3 features")
 
 
 # ---------------------------------------------------------------- bad input: message, exit code, no output

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(ROOT, "csrc")
 
 PACKAGES = ["ddpm_fast", "ddpm_fast.ops", "ddpm_fast.nn", "ddpm_fast.samplers", "ddpm_fast.interop",
-            "ddpm_fast.interop.diffusers", "ddpm_fast.kernels"]
+            "ddpm_fast.interop.diffusers", "ddpm_fast.kernels", "ddpm_fast.metrics"]
 PACKAGE_DIR = {"ddpm_fast": "ddpm_fast", "ddpm_fast.kernels": "kernels"}
 
 

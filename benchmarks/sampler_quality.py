@@ -1,9 +1,14 @@
 """Sample quality against cost of every sampler on the shipped digits model (the CLI's default choice).
 
-    python benchmarks/sampler_quality.py [--n 400] [--out benchmarks/results/sampler-quality-cpu.md]
+    python benchmarks/sampler_quality.py [--n 1000] [--out benchmarks/results/sampler-quality-cpu.md]
 
 For each sampler and step count it draws N samples from the same starting noise and reports:
 
+* digits FID: the FID on the features of ddpm_fast's digits feature network (docs/metrics.md),
+  samples against the training split's statistics, as ``ddpm-fast eval`` computes it by
+  default. Lower is better. Its floor row: 808 training digits against the other 809. It is
+  specific to that network: not comparable with an Inception FID.
+* precision / recall (k = 3) on the same features, the samples against N training digits.
 * FD (pixels): the Frechet distance between the samples and the 1797 real digits, on the 64
   raw pixels (the FID formula without an Inception network; 8x8 digits need none). Lower is
   better. The first row is its floor: N real digits against the other 1797 - N.
@@ -11,7 +16,8 @@ For each sampler and step count it draws N samples from the same starting noise 
   real digits, assigns to one class with probability > 0.9 (legible digits).
 * ODE error: for the deterministic samplers (DDIM eta 0, DPM-Solver++), the RMS distance of
   an unclipped run to a 200-step DPM-Solver++ 2M solution of the probability-flow ODE from the
-  same x_T (a second-order solver: its own error is far below the others'). Clipping x_0
+  same x_T, on the first --ode-n of the N starting points (a second-order solver: its own error
+  is far below the others'). Clipping x_0
   changes the ODE, so this column alone is computed without it.
 * seconds for the N samples (with clipping) on this machine, and the number of model evaluations.
 """
@@ -26,12 +32,13 @@ import torch
 from scipy import linalg
 from sklearn.linear_model import LogisticRegression
 
-from ddpm_fast import checkpoint
+from ddpm_fast import checkpoint, metrics
 from ddpm_fast.data import load_dataset
+from ddpm_fast.metrics.evaluation import extract_features
 from ddpm_fast.train import load_for_sampling
 
-SAMPLERS = [("ddpm", 1000), ("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
-            ("dpm++2m", 10), ("dpm++2m", 15), ("dpm++2m", 20), ("dpm++2m", 25), ("dpm++2m", 50)]
+SAMPLERS = [("ddim", 10), ("ddim", 20), ("ddim", 50), ("ddim", 100),
+            ("dpm++2m", 10), ("dpm++2m", 15), ("dpm++2m", 20), ("dpm++2m", 25), ("dpm++2m", 50), ("ddpm", 1000)]
 
 
 def frechet_distance(a, b):
@@ -60,44 +67,71 @@ def draw(model, diffusion, sampler, steps, x_T, clip=True):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=400, help="samples per sampler")
-    parser.add_argument("--out", help="also write the markdown table here")
+    parser.add_argument("--n", type=int, default=1000, help="samples per sampler")
+    parser.add_argument("--ode-n", type=int, default=200, help="samples for the ODE error column")
+    parser.add_argument("--out", help="also write the markdown table here (rewritten after every row)")
+    parser.add_argument("--only", help="measure only these rows, e.g. ddpm:1000,dpm++2m:20 (default: all)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    samplers = SAMPLERS
+    if args.only:
+        samplers = [(name, int(steps)) for name, steps in (item.split(":") for item in args.only.split(","))]
     torch.manual_seed(0)
     model, diffusion, _ = load_for_sampling(checkpoint.shipped_path(), torch.device("cpu"))
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     real = torch.cat([train, test]).flatten(1).double().numpy()
     classifier = LogisticRegression(max_iter=2000).fit(train.flatten(1).numpy(), _labels(train))
+    net = metrics.DigitsFeatures()
+    train_features = extract_features(net, train)
+    reference = metrics.feature_statistics(train_features)
+    pr_real = train_features[torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[:args.n].numpy()]
     x_T = torch.randn(args.n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    ode, _ = draw(model, diffusion, "dpm++2m", 200, x_T, clip=False)
+    if any(sampler != "ddpm" for sampler, _ in samplers):
+        ode, _ = draw(model, diffusion, "dpm++2m", 200, x_T[:args.ode_n], clip=False)
 
     shuffled = torch.randperm(len(real), generator=torch.Generator().manual_seed(0)).numpy()
     some, others = real[shuffled[:args.n]], real[shuffled[args.n:]]
-    rows = [f"| real digits ({args.n} vs the other {len(others)}) | - | - | {frechet_distance(some, others):.2f} | "
-            f"{_confident(classifier, torch.from_numpy(some)):.1%} | - | - |"]
-    for sampler, steps in SAMPLERS:
+    halves = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).numpy()
+    half_a, half_b = train_features[halves[:len(train) // 2]], train_features[halves[len(train) // 2:]]
+    floor = metrics.frechet_distance(*metrics.feature_statistics(half_a), *metrics.feature_statistics(half_b))
+    floor_pr = metrics.precision_recall(half_a, half_b)
+    rows = [f"| real digits ({args.n} vs the other {len(others)}) | - | - | - | - | "
+            f"{frechet_distance(some, others):.2f} | {_confident(classifier, torch.from_numpy(some)):.1%} | - | - |",
+            f"| training digits ({len(half_a)} vs the other {len(half_b)}) | - | - | {floor:.3f} | "
+            f"{floor_pr[0]:.3f} / {floor_pr[1]:.3f} | - | - | - | - |"]
+
+    def table():
+        return "\n".join([
+            f"Shipped digits model, {args.n} samples from the same x_T, clip on (the CLI's default) except for "
+            f"the ODE error ({args.ode_n} samples), "
+            f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads.",
+            "",
+            "| sampler | steps | model evaluations | digits FID | precision / recall | FD (pixels) vs real | "
+            "confident | ODE error | seconds |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ])
+
+    for sampler, steps in samplers:
         samples, seconds = draw(model, diffusion, sampler, steps, x_T)
         samples = samples.clamp(-1, 1)
         flat = samples.flatten(1).double().numpy()
+        features = extract_features(net, samples)
+        fid = metrics.frechet_distance(*metrics.feature_statistics(features), *reference)
+        precision, recall = metrics.precision_recall(features, pr_real)
         ode_error = "-"
         if sampler != "ddpm":
-            unclipped, _ = draw(model, diffusion, sampler, steps, x_T, clip=False)
+            unclipped, _ = draw(model, diffusion, sampler, steps, x_T[:args.ode_n], clip=False)
             ode_error = f"{(unclipped - ode).pow(2).mean().sqrt().item():.4f}"
-        rows.append(f"| {sampler} | {steps} | {steps} | {frechet_distance(flat, real):.2f} | "
-                    f"{_confident(classifier, samples):.1%} | {ode_error} | {seconds:.1f} |")
+        rows.append(f"| {sampler} | {steps} | {steps} | {fid:.3f} | {precision:.3f} / {recall:.3f} | "
+                    f"{frechet_distance(flat, real):.2f} | {_confident(classifier, samples):.1%} | {ode_error} | "
+                    f"{seconds:.1f} |")
         print(rows[-1], flush=True)
-    table = "\n".join([
-        f"Shipped digits model, {args.n} samples from the same x_T, clip on (the CLI's default) except for "
-        f"the ODE error, "
-        f"{platform.machine()} CPU, torch {torch.__version__}, {torch.get_num_threads()} threads.",
-        "",
-        "| sampler | steps | model evaluations | FD (pixels) vs real | confident | ODE error | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *rows,
-    ])
-    print(table)
-    if args.out:
-        pathlib.Path(args.out).write_text(table + "\n")
+        if args.out:
+            pathlib.Path(args.out).write_text(table() + "\n")
+    print(table())
 
 
 def _labels(images):

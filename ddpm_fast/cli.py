@@ -1,6 +1,6 @@
-"""The ``ddpm-fast`` command: train, sample, eval-bpd, export, info.
+"""The ``ddpm-fast`` command: train, sample, eval, eval-bpd, export, info.
 
-``sample`` and ``eval-bpd`` read a checkpoint (``--ckpt``) or a diffusers pipeline folder
+``sample``, ``eval`` and ``eval-bpd`` read a checkpoint (``--ckpt``) or a diffusers pipeline folder
 (``--pipeline``); ``export`` writes a sampling checkpoint (``--out``) or a pipeline folder
 (``--diffusers``).
 
@@ -100,16 +100,86 @@ PIPELINE_HELP = ("a diffusers DDPMPipeline folder (model_index.json, unet/, sche
                  "DDPMPipeline.save_pretrained or `ddpm-fast export --diffusers`")
 
 
+def _add_sampling_options(parser):
+    """The sampler options of ``sample``, shared with ``eval`` (see _sampling_options)."""
+    from .train import DEFAULT_GUIDANCE, DEFAULTS, SAMPLERS
+
+    parser.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
+                        help="ddpm: all T ancestral steps; ddim, dpm++2m (DPM-Solver++ 2M), dpm++3m (third "
+                             "order), dpm++2m-sde (stochastic 2M): --steps steps")
+    parser.add_argument("--steps", type=_positive_int, default=None,
+                        help=f"steps of ddim and the dpm++ samplers (default: {DEFAULTS['sample_steps']}, or fewer "
+                             f"when the model's schedule cannot place that many)")
+    parser.add_argument("--eta", type=_non_negative_float, default=0.0,
+                        help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
+    parser.add_argument("--class", dest="class_", metavar="K",
+                        help="a class-conditional model's class (its index or name), or 'all' for every class in "
+                             "turn, one grid row each (default: unconditional samples)")
+    parser.add_argument("--guidance", type=_float_in("a finite number"), default=DEFAULT_GUIDANCE,
+                        help="classifier-free guidance scale with --class: 1 = the conditional model alone, 0 = "
+                             "the unconditional one, above 1 = further from it")
+    # No default here: it depends on the source (see _sampling_options); SUPPRESS leaves it out of args.
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                        help="clamp the predicted x_0 to [-1, 1] at every step (default: on for --ckpt; for "
+                             "--pipeline the scheduler's clip_sample)")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the samples")
+    parser.add_argument("--batch-size", type=_positive_int, default=64, help="samples per forward pass")
+
+
+def _sampling_options(args, model, diffusion, state):
+    """(generate()'s keyword arguments, samples per grid row) from the options of _add_sampling_options."""
+    from .train import check_sample_steps, sample_labels
+
+    check_sample_steps(diffusion, args.sampler, args.steps, "--steps")
+    class_names = state["config"].get("class_names") if state else None
+    labels, nrow = sample_labels(args.class_, args.n, model, class_names)
+    # --clip's default: on for checkpoints (better samples), the scheduler's clip_sample for a
+    # pipeline (what diffusers' own samplers would do with it).
+    clip = getattr(args, "clip", diffusion.sampler_defaults.clip_denoised if args.pipeline else True)
+    return dict(sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed, clip=clip, y=labels,
+                guidance_scale=args.guidance if labels is not None else 1.0), nrow
+
+
+def _add_eval_parser(commands):
+    evaluation = commands.add_parser(
+        "eval", help="FID, KID and precision/recall of N samples against reference data (docs/metrics.md)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    source = evaluation.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", help="checkpoint (default: the shipped digits model)")
+    source.add_argument("--pipeline", metavar="DIR", help=PIPELINE_HELP)
+    evaluation.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=1000,
+                            help="number of samples (FID and KID are biased upwards at small N: compare models at "
+                                 "the same N; 10000 or 50000 for numbers to publish)")
+    # SUPPRESS: the defaults depend on the model, which the help says (read with getattr in _run_eval).
+    evaluation.add_argument("--features", choices=["inception", "digits"], default=argparse.SUPPRESS,
+                            help="feature network (default: digits for 8x8 grey images, else inception)")
+    evaluation.add_argument("--ref", default=argparse.SUPPRESS,
+                            help="'digits' (its training split), a folder of images or of CIFAR-10 batches, or a "
+                                 "statistics .npz with mu/sigma (FID only) (default: the checkpoint's training "
+                                 "data; required with --pipeline)")
+    _add_sampling_options(evaluation)
+    evaluation.add_argument("--json", metavar="OUT", help="write the numbers and settings to this JSON file")
+    evaluation.add_argument("--inception-weights", metavar="PATH",
+                            help="the FID Inception weights file (default: looked for in the torch hub cache)")
+    evaluation.add_argument("--download-weights", action="store_true",
+                            help="download the Inception weights into the torch hub cache when missing")
+    evaluation.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                            help="use the EMA weights (checkpoints only)")
+    evaluation.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    evaluation.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                            help="progress bars for sampling and feature extraction")
+
+
 def build_parser():
     from .nn.unet import UNet
-    from .train import DEFAULT_GUIDANCE, DEFAULTS, SAMPLERS
+    from .train import DEFAULTS, SAMPLERS
 
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Fast DDPM training and sampling.",
                                      epilog="Errors end with one 'ddpm-fast: error: ...' line and exit code 1 "
                                             "(2: invalid options); --debug shows the traceback.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of any error (also after the "
                                                              "command)")
-    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval-bpd,export,info}")
+    commands = parser.add_subparsers(dest="command", metavar="{train,sample,eval,eval-bpd,export,info}")
 
     # Defaults of train are None where they come from the preset, the data or (on --resume) the checkpoint.
     train = commands.add_parser("train", help="train a model (default: the 8x8 digits model from scratch)",
@@ -158,6 +228,13 @@ def build_parser():
     train.add_argument("--sampler", choices=SAMPLERS, help=f"sampler for the grids {default('sampler')}")
     train.add_argument("--sample-steps", type=_positive_int,
                        help=f"ddim / dpm++ steps for the grids {default('sample_steps')}")
+    train.add_argument("--eval-every", type=_non_negative_int,
+                       help="every N steps, FID/KID/precision/recall of --eval-n EMA samples against the training "
+                            "data (0 = never, the default); costs --eval-n x --sample-steps model evaluations plus "
+                            "the features each time, the reference statistics once (cached)")
+    train.add_argument("--eval-n", type=_positive_int,
+                       help=f"samples per evaluation {default('eval_n')}: small and quick, so FID and KID are "
+                            f"biased upwards; compare runs at the same --eval-n")
     train.add_argument("--ckpt-every", type=_non_negative_int,
                        help=f"write checkpoint.pt every N steps and at the end, 0 = only at the end "
                             f"{default('ckpt_every')}")
@@ -175,32 +252,15 @@ def build_parser():
     source.add_argument("--pipeline", metavar="DIR", help=PIPELINE_HELP)
     # --num-samples spells --n out: torchrun takes a bare --n for one of its own options.
     sample.add_argument("--n", "--num-samples", dest="n", type=_positive_int, default=64, help="number of samples")
-    sample.add_argument("--sampler", choices=SAMPLERS, default=DEFAULTS["sampler"],
-                        help="ddpm: all T ancestral steps; ddim, dpm++2m (DPM-Solver++ 2M), dpm++3m (third "
-                             "order), dpm++2m-sde (stochastic 2M): --steps steps")
-    sample.add_argument("--steps", type=_positive_int, default=None,
-                        help=f"steps of ddim and the dpm++ samplers (default: {DEFAULTS['sample_steps']}, or fewer "
-                             f"when the model's schedule cannot place that many)")
-    sample.add_argument("--eta", type=_non_negative_float, default=0.0,
-                        help="DDIM eta (0 = deterministic, 1 = DDPM-like)")
-    sample.add_argument("--class", dest="class_", metavar="K",
-                        help="a class-conditional model's class (its index or name), or 'all' for one grid row per "
-                             "class (default: unconditional samples)")
-    sample.add_argument("--guidance", type=_float_in("a finite number"), default=DEFAULT_GUIDANCE,
-                        help="classifier-free guidance scale with --class: 1 = the conditional model alone, 0 = "
-                             "the unconditional one, above 1 = further from it")
-    # No default here: it depends on the source (see _run_sample); SUPPRESS leaves it out of args.
-    sample.add_argument("--clip", action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                        help="clamp the predicted x_0 to [-1, 1] at every step (default: on for --ckpt; for "
-                             "--pipeline the scheduler's clip_sample)")
-    sample.add_argument("--seed", type=_seed, default=0, help="seed of the samples")
+    _add_sampling_options(sample)
     sample.add_argument("--out", default="samples.png", help="PNG grid to write")
     sample.add_argument("--npz", help="also save the raw samples to this .npz file")
-    sample.add_argument("--batch-size", type=_positive_int, default=64, help="samples per forward pass")
     sample.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
                         help="use the EMA weights (checkpoints only)")
     sample.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     sample.add_argument("--progress", action="store_true", help="show a progress bar per batch")
+
+    _add_eval_parser(commands)
 
     bpd = commands.add_parser("eval-bpd", help="variational bound in bits/dim on held-out data",
                               formatter_class=_HelpFormatter)
@@ -270,7 +330,7 @@ def _load_model(args, device):
 def _run_sample(args):
     from .fileio import check_output_file
     from .images import save_grid, save_npz
-    from .train import Dist, check_sample_steps, generate, sample_labels
+    from .train import Dist, generate
 
     check_output_file(args.out, "--out")
     if args.npz:
@@ -278,21 +338,50 @@ def _run_sample(args):
     world = Dist(args.device)
     try:
         model, diffusion, state = _load_model(args, world.device)
-        check_sample_steps(diffusion, args.sampler, args.steps, "--steps")
-        class_names = state["config"].get("class_names") if state else None
-        labels, nrow = sample_labels(args.class_, args.n, model, class_names)
-        # --clip's default: on for checkpoints (better samples), the scheduler's clip_sample for a
-        # pipeline (what diffusers' own samplers would do with it).
-        clip = getattr(args, "clip", diffusion.sampler_defaults.clip_denoised if args.pipeline else True)
-        samples = generate(model, diffusion, args.n, batch_size=args.batch_size, sampler=args.sampler,
-                           steps=args.steps, eta=args.eta, seed=args.seed, clip=clip, dist_info=world,
-                           progress=args.progress and world.main, y=labels,
-                           guidance_scale=args.guidance if labels is not None else 1.0)
+        options, nrow = _sampling_options(args, model, diffusion, state)
+        samples = generate(model, diffusion, args.n, batch_size=args.batch_size, dist_info=world,
+                           progress=args.progress and world.main, **options)
         if world.main:
             save_grid(samples, args.out, nrow=nrow, option="--out")
             if args.npz:
-                save_npz(samples, args.npz, option="--npz", labels=labels)
+                save_npz(samples, args.npz, option="--npz", labels=options["y"])
             print(f"wrote {args.n} samples to {args.out}" + (f" and {args.npz}" if args.npz else ""))
+    finally:
+        world.close()
+
+
+def _run_eval(args):
+    import json
+
+    from .images import atomic_write
+    from .metrics import MetricsError
+    from .metrics.evaluation import evaluate, format_table
+    from .train import ConfigError, Dist
+
+    given_ref, features = getattr(args, "ref", None), getattr(args, "features", None)
+    if args.pipeline and not given_ref:
+        raise ConfigError("eval --pipeline needs --ref: a pipeline folder does not record its training data")
+    world = Dist(args.device)
+    try:
+        model, diffusion, state = _load_model(args, world.device)
+        ref = given_ref or (state["config"].get("train", {}).get("data") or "digits")
+        options, _ = _sampling_options(args, model, diffusion, state)
+        result = evaluate(model, diffusion, args.n, features=features, ref=ref, batch_size=args.batch_size,
+                          inception_weights=args.inception_weights, download=args.download_weights,
+                          dist_info=world, progress=args.progress and world.main, **options)
+        if world.main:
+            result["model"] = args.pipeline or args.ckpt or "shipped digits model"
+            result["class"] = args.class_
+            print(f"{result['n']} samples of {result['model']} ({args.sampler}"
+                  f"{'' if args.sampler == 'ddpm' else f', {args.steps} steps'}) against {ref}, "
+                  f"{result['features']} features:")
+            print(format_table(result))
+            if args.json:
+                text = json.dumps(result, indent=2, sort_keys=True) + "\n"
+                atomic_write(args.json, lambda f: f.write(text.encode()))
+                print(f"wrote {args.json}")
+    except MetricsError as error:
+        raise ConfigError(str(error)) from None
     finally:
         world.close()
 
@@ -352,7 +441,8 @@ def main(argv=None):
 
         return info_main()
 
-    run = {"train": _run_train, "sample": _run_sample, "eval-bpd": _run_eval_bpd, "export": _run_export}
+    run = {"train": _run_train, "sample": _run_sample, "eval": _run_eval, "eval-bpd": _run_eval_bpd,
+           "export": _run_export}
     return run_command(lambda: run[args.command](args), debug=getattr(args, "debug", False))
 
 

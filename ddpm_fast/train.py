@@ -61,6 +61,8 @@ DEFAULTS = dict(
     # Class-conditional training with label dropout (classifier-free guidance): each label is
     # replaced by the null label with probability cond_drop_prob (Ho & Salimans 2022 use 0.1 or 0.2).
     class_cond=False, cond_drop_prob=0.1,
+    # FID/KID/precision/recall of eval_n EMA samples every eval_every steps (0 = never): see _evaluator.
+    eval_every=0, eval_n=256,
 )
 
 
@@ -314,10 +316,10 @@ def _resolve_options(options):
                           ("sampler", SAMPLERS)):
         if options[name] not in choices:
             raise ConfigError(f"--{name.replace('_', '-')} must be one of {list(choices)}, got {options[name]!r}")
-    for name in ("steps", "batch_size", "timesteps", "sample_n", "sample_steps"):
+    for name in ("steps", "batch_size", "timesteps", "sample_n", "sample_steps", "eval_n"):
         if not isinstance(options[name], int) or options[name] < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {options[name]!r}")
-    for name in ("sample_every", "ckpt_every", "warmup"):
+    for name in ("sample_every", "ckpt_every", "warmup", "eval_every"):
         if not isinstance(options[name], int) or options[name] < 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a non-negative integer (0 = never), "
                               f"got {options[name]!r}")
@@ -529,6 +531,7 @@ def _train(options, state, resumed_from, world, progress):
         from tqdm import tqdm
 
         bar = tqdm(total=total, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    evaluate = _evaluator(options, ema, ema_model, diffusion, world, bar)
     model.train()
     while step < total:
         # Everything random in this step is a function of (seed, step, rank): resuming reproduces it.
@@ -575,12 +578,72 @@ def _train(options, state, resumed_from, world, progress):
             bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         if options["sample_every"] and step % options["sample_every"] == 0:
             write_samples(step)
+        if evaluate is not None and step % options["eval_every"] == 0:
+            evaluate(step, loss_value)
         if step == total or (options["ckpt_every"] and step % options["ckpt_every"] == 0):
             save_checkpoint(step)
             last_good = checkpoint_path
     if bar is not None:
         bar.close()
     return {"step": step, "start_step": start_step, "checkpoint": checkpoint_path, "loss": loss_value}
+
+
+def _evaluator(options, ema, ema_model, diffusion, world, bar):
+    """The ``--eval-every`` hook: metrics of eval_n EMA samples (the grids' sampler and steps, the
+    same seed each time) against the training data, printed beside the loss and appended to
+    OUT/metrics.jsonl. The feature network and the reference statistics are set up once, here,
+    so a missing Inception weights file stops the run before its first step."""
+    if not options["eval_every"]:
+        return None
+    if options["eval_n"] < 4:
+        raise ConfigError(f"--eval-n must be at least 4 (precision and recall compare each sample with its 3 "
+                          f"nearest neighbours), got {options['eval_n']}")
+    import json
+
+    from .metrics import MetricsError
+    from .metrics.evaluation import (default_features, evaluate, feature_network, raise_on_every_rank,
+                                     reference_statistics)
+
+    config = ema_model.config
+    features = default_features(config["in_channels"], config["image_size"])
+    net = reference = failure = None
+    if world.main:
+        try:
+            net = feature_network(features, device=world.device)
+            reference = reference_statistics(options["data"], net, progress=bar is not None)
+        except (MetricsError, DataError) as error:
+            failure = error
+    try:
+        raise_on_every_rank(failure, world)
+    except MetricsError as error:
+        raise ConfigError(f"--eval-every: {error}") from None
+
+    def run(step, loss):
+        ema.copy_to(ema_model)
+        try:
+            result = evaluate(ema_model, diffusion, options["eval_n"], features=features, ref=options["data"],
+                              batch_size=min(options["eval_n"], options["batch_size"]), dist_info=world, net=net,
+                              reference=reference, sampler=options["sampler"], steps=options["sample_steps"],
+                              seed=options["seed"])
+        except MetricsError as error:
+            raise ConfigError(f"--eval-every at step {step}: {error}") from None
+        if not world.main:
+            return
+        kid = "n/a" if result["kid_mean"] is None else f"{result['kid_mean']:.5f} ± {result['kid_std']:.5f}"
+        line = (f"step {step}: loss {loss:.4f}  FID ({features}, n={result['n']}) {result['fid']:.4f}  KID {kid}  "
+                f"precision {result['precision']:.3f}  recall {result['recall']:.3f}")
+        if bar is not None:
+            bar.write(line)
+            bar.set_postfix(loss=f"{loss:.4f}", fid=f"{result['fid']:.3f}", refresh=False)
+        else:
+            print(line, flush=True)
+        record = {"step": step, "loss": loss, **{k: result[k] for k in ("fid", "kid_mean", "kid_std", "precision",
+                                                                       "recall", "n", "features")}}
+        os.makedirs(options["out"], exist_ok=True)
+        with open(os.path.join(options["out"], "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    return run
 
 
 # ---------------------------------------------------------------- evaluation

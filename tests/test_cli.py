@@ -118,6 +118,62 @@ def test_resume_from_the_command_line(run_dir, tmp_path, capsys):
     assert "trained to step 4" in capsys.readouterr().out
 
 
+# ---------------------------------------------------------------- eval: FID, KID, precision/recall
+
+def test_eval_writes_the_metrics_as_json(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "metrics.json"
+    argv = ["eval", "--n", "48", "--batch-size", "48", "--sampler", "ddim", "--steps", "4", "--seed", "3",
+            "--json", str(out), "--no-progress", "--device", "cpu"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "FID (digits features)" in printed and "precision (k=3)" in printed
+    result = json.loads(out.read_text())
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert isinstance(result[key], float) and np.isfinite(result[key]), key
+    assert result["fid"] > 0 and 0 <= result["precision"] <= 1 and 0 <= result["recall"] <= 1
+    assert (result["sampler"], result["steps"], result["seed"], result["n"], result["features"], result["ref"]) == \
+        ("ddim", 4, 3, 48, "digits", "digits")
+    assert result["kid_subset_size"] == 48 and result["reference_cache"].startswith(str(tmp_path / "cache"))
+    # A statistics file as reference: the FID alone, the same number (the same features' statistics).
+    from ddpm_fast.metrics import load_statistics, save_statistics
+
+    stats = load_statistics(result["reference_cache"])
+    save_statistics(tmp_path / "ref.npz", stats["mu"], stats["sigma"])
+    assert main(argv + ["--ref", str(tmp_path / "ref.npz"), "--json", str(tmp_path / "fid.json")]) == 0
+    only_fid = json.loads((tmp_path / "fid.json").read_text())
+    assert only_fid["fid"] == pytest.approx(result["fid"], rel=1e-9) and only_fid["kid_mean"] is None
+
+
+def test_eval_errors_say_what_to_do(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    _fails(["eval", "--features", "inception", "--n", "4", "--json", str(tmp_path / "m.json")], capsys,
+           "pt_inception-2015-12-05-6726825d.pth", str(tmp_path / "hub" / "checkpoints"))
+    assert not (tmp_path / "m.json").exists()
+    _fails(["eval", "--pipeline", str(tmp_path), "--n", "4"], capsys, "--ref")
+    _fails(["eval", "--n", "4", "--ref", str(tmp_path / "missing.npz")], capsys, "does not exist")
+
+
+def test_train_eval_every_logs_the_metrics(tmp_path, monkeypatch, capsys):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--steps", "2", "--out", str(out), *FAST_TRAIN, "--eval-every", "1", "--eval-n", "16",
+                 "--sample-steps", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 1: loss" in printed and "step 2: loss" in printed and "FID (digits, n=16)" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["fid"]) and r["precision"] is not None and r["loss"] > 0 for r in records)
+    assert len(os.listdir(tmp_path / "cache" / "ddpm_fast")) == 1  # the reference statistics, computed once
+    _fails(["train", "--steps", "1", "--out", str(tmp_path / "x"), *FAST_TRAIN, "--eval-every", "1", "--eval-n", "2"],
+           capsys, "--eval-n must be at least 4")
+    _fails(["eval", "--n", "2", "--steps", "2", "--no-progress"], capsys, "more than 3 features")
+
+
 # ---------------------------------------------------------------- bad input: message, exit code, no output
 
 def _fails(argv, capsys, *fragments):

@@ -73,3 +73,22 @@ def test_sharded_sampling_equals_one_process(tmp_path):
     with np.load(tmp_path / "ddp.npz") as a, np.load(tmp_path / "one.npz") as b:
         assert a["samples"].shape == (5, 1, 8, 8)
         np.testing.assert_allclose(a["samples"], b["samples"], rtol=0, atol=1e-5)
+
+
+def test_sharded_eval_equals_one_process_and_errors_stop_every_rank(tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    common = ["eval", "--num-samples", "24", "--batch-size", "8", "--steps", "3", "--device", "cpu", "--no-progress"]
+    result = _torchrun(*common, "--json", str(tmp_path / "ddp.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    from ddpm_fast.cli import main
+
+    assert main([*common, "--json", str(tmp_path / "one.json")]) == 0
+    ddp, one = (json.loads((tmp_path / name).read_text()) for name in ("ddp.json", "one.json"))
+    assert ddp["n"] == one["n"] == 24
+    for key in ("fid", "kid_mean", "precision", "recall"):
+        assert ddp[key] == pytest.approx(one[key], rel=1e-4, abs=1e-6), key
+    # A reference the main rank cannot read stops both ranks with the message (no rank left waiting).
+    result = _torchrun(*common, "--ref", str(tmp_path / "missing.npz"))
+    assert result.returncode != 0 and "does not exist" in result.stderr

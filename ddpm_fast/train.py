@@ -68,7 +68,7 @@ DEFAULTS = dict(
 
 # The classifier-free guidance scale of `ddpm-fast sample --class` (docs/sampling.md measures it
 # on the shipped digits model).
-DEFAULT_GUIDANCE = 1.0
+DEFAULT_GUIDANCE = 2.0
 
 
 class ConfigError(ValueError):

@@ -149,36 +149,6 @@ def check_index(index, x, name):
     return index.contiguous()
 
 
-def check_table(table, columns, x):
-    if not isinstance(table, torch.Tensor):
-        raise TypeError(f"table must be a torch.Tensor, got {type(table).__name__}")
-    if table.dtype != torch.float32:
-        raise TypeError(f"table must be a float32 tensor of shape [R, {columns}], got {table.dtype}")
-    if table.dim() != 2 or table.shape[1] != columns or table.shape[0] == 0:
-        raise ValueError(f"table must be a float32 tensor of shape [R, {columns}] with R > 0, "
-                         f"got shape {list(table.shape)}")
-    if table.device != x.device:
-        raise ValueError(f"table must be on the input's device ({x.device}), got {table.device}")
-    return table.contiguous()
-
-
-def check_seed(seed, x):
-    if not isinstance(seed, torch.Tensor):
-        raise TypeError(f"seed must be a one-element int64 torch.Tensor, got {type(seed).__name__}")
-    if seed.dtype != torch.int64:
-        raise TypeError(f"seed must be a one-element int64 tensor, got {seed.dtype}")
-    if seed.numel() != 1:
-        raise ValueError(f"seed must be a one-element int64 tensor, got shape {list(seed.shape)}")
-    if seed.device != x.device:
-        raise ValueError(f"seed must be on the input's device ({x.device}), got {seed.device}")
-
-
-def check_flag(name, value):
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    return value
-
-
 def launch(kernel, x, num_rows, *args, **constexprs):
     """One program per BLOCK elements of storage; a table row lookup per batch element."""
     numel = x.numel()

@@ -14,8 +14,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NOISE_DRAWN, NOISE_GIVEN, check_index, check_input, check_same, check_seed, check_table,
-                      coef, launch, noise_block, round_to, table_rows)
+from ..ops._common import check_seed, check_table
+from ._common import (
+    NOISE_DRAWN,
+    NOISE_GIVEN,
+    check_index,
+    check_input,
+    check_same,
+    coef,
+    launch,
+    noise_block,
+    round_to,
+    table_rows,
+)
 
 Q_SAMPLE_COLUMNS = 2
 
@@ -52,7 +63,7 @@ def q_sample(x_start, t, table, noise, seed):
     """
     check_input("x_start", x_start)
     t = check_index(t, x_start, "t")
-    table = check_table(table, Q_SAMPLE_COLUMNS, x_start)
+    table = check_table(table, Q_SAMPLE_COLUMNS, x_start.device)
     if (noise is None) == (seed is None):
         raise ValueError("q_sample takes exactly one of noise (given z) and seed (z drawn in-kernel)")
     out = torch.empty_like(x_start)
@@ -60,7 +71,7 @@ def q_sample(x_start, t, table, noise, seed):
         check_same("noise", noise, "x_start", x_start)
         drawn, mode = x_start.new_empty((0,)), NOISE_GIVEN
     else:
-        check_seed(seed, x_start)
+        check_seed(seed, x_start.device)
         drawn, mode = torch.empty_like(x_start), NOISE_DRAWN
     if x_start.numel():
         launch(_q_sample_kernel, x_start, table.shape[0], x_start, noise, seed, t, table, out, drawn, NOISE=mode)

@@ -19,8 +19,21 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (NOISE_DRAWN, NOISE_GIVEN, NOISE_NONE, check_flag, check_index, check_input, check_same,
-                      check_seed, check_table, coef, launch, noise_block, round_to, table_rows)
+from ..ops._common import check_seed, check_table
+from ..validation import check_bool
+from ._common import (
+    NOISE_DRAWN,
+    NOISE_GIVEN,
+    NOISE_NONE,
+    check_index,
+    check_input,
+    check_same,
+    coef,
+    launch,
+    noise_block,
+    round_to,
+    table_rows,
+)
 
 SAMPLER_STEP_COLUMNS = 8  # reference.SAMPLER_STEP_COLUMNS; columns 0-7 below as in reference
 
@@ -83,16 +96,16 @@ def sampler_step(x, model_output, index, table, clip_denoised, h1, h2, noise, se
     if guided:
         check_same("model_output (its unconditional half)", uncond, "x", x)
     index = check_index(index, x, "index")
-    table = check_table(table, SAMPLER_STEP_COLUMNS, x)
+    table = check_table(table, SAMPLER_STEP_COLUMNS, x.device)
     for name, term in (("h1", h1), ("h2", h2), ("noise", noise)):
         if term is not None:
             check_same(name, term, "x", x)
     if noise is not None and seed is not None:
         raise ValueError("give at most one of noise (given z) and seed (z drawn in-kernel)")
     if seed is not None:
-        check_seed(seed, x)
-    check_flag("clip_denoised", clip_denoised)
-    check_flag("store_x0", store_x0)
+        check_seed(seed, x.device)
+    check_bool("clip_denoised", clip_denoised)
+    check_bool("store_x0", store_x0)
     out = torch.empty_like(x)
     x0 = torch.empty_like(x) if store_x0 else x.new_empty((0,))
     mode = NOISE_GIVEN if noise is not None else NOISE_DRAWN if seed is not None else NOISE_NONE

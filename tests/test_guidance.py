@@ -160,7 +160,7 @@ def test_bad_labels_and_guidance_name_the_argument(backend, device, case):
     diffusion = GaussianDiffusion(num_timesteps=60, backend=backend)
     model, kwargs, name = CountingModel().to(device), {}, "y"
     if case == "out of range":
-        kwargs = dict(y=torch.tensor([0, 4, 1], device=device))
+        kwargs = dict(y=torch.tensor([0, 5, 1], device=device))  # 4 is the null label
     elif case == "negative":
         kwargs = dict(y=torch.tensor([0, -1, 1], device=device))
     elif case == "float labels":

@@ -325,3 +325,31 @@ def test_bad_class_options(tmp_path, capsys, argv, fragment):
         code = exit.code
     assert code != 0 and fragment in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("sampler", ["dpm++2m", "dpm++3m", "dpm++2m-sde"])
+def test_sample_a_class_of_the_shipped_model(tmp_path, sampler):
+    npz = tmp_path / "threes.npz"
+    assert main(["sample", "--class", "3", "--n", "6", "--sampler", sampler, "--out", str(tmp_path / "g.png"),
+                 "--npz", str(npz), "--device", "cpu"]) == 0
+    with np.load(npz) as data:
+        assert data["labels"].tolist() == [3] * 6 and data["samples"].shape == (6, 1, 8, 8)
+        assert np.isfinite(data["samples"]).all()
+
+
+def test_sample_every_class_in_grid_rows(tmp_path):
+    npz = tmp_path / "all.npz"
+    assert main(["sample", "--class", "all", "--n", "20", "--guidance", "1", "--out", str(tmp_path / "g.png"),
+                 "--npz", str(npz), "--device", "cpu"]) == 0
+    with np.load(npz) as data:
+        assert data["labels"].tolist() == [k for k in range(10) for _ in range(2)]
+    # 10 rows of 2 tiles: the grid is taller than wide.
+    width, height = Image.open(tmp_path / "g.png").size
+    assert height > 4 * width
+
+
+def test_class_errors_name_the_option(run_dir, tmp_path, capsys):
+    _fails(["sample", "--class", "12", "--out", str(tmp_path / "g.png")], capsys, "--class '12'", "0, 1, 2")
+    _fails(["sample", "--ckpt", os.path.join(run_dir, "checkpoint.pt"), "--class", "3", "--out",
+            str(tmp_path / "g.png")], capsys, "--class 3 needs a class-conditional model")
+    assert not (tmp_path / "g.png").exists()

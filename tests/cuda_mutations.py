@@ -73,7 +73,8 @@ MUTATIONS = {
     "sampler step: vector path on a misaligned unconditional half (m_u not checked)": (
         STEPS, "aligned(m_u, bytes) && ", ""),
     "sampler step: scalar tail bound e <= numel in for_each_in_group": (
-        STEPS, "    if (e < numel) {\n      if (e >= batch_end) {", "    if (e <= numel) {\n      if (e >= batch_end) {"),
+        STEPS, "    if (e < numel) {\n      if (e >= batch_end) {",
+        "    if (e <= numel) {\n      if (e >= batch_end) {"),
     "sampler step: tail group deleted (numel / 4 groups)": (
         STEPS, "static_cast<uint64_t>(*a.seed) : 0;\n  const int64_t groups = (a.numel + 3) / 4;\n  for (int64_t g"
         " = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;\n       g += static_cast<int64_t>"
@@ -108,7 +109,8 @@ MUTATIONS = {
     "shared step formula: h2 weighted by the h1 column": (
         STEP_H, "row[kOutFromH1],   row[kOutFromH2],", "row[kOutFromH1],   row[kOutFromH1],"),
     "shared step formula: clip bound 1 -> 2": (
-        STEP_H, "x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);", "x0 = x0 < -1.0f ? -1.0f : (x0 > 2.0f ? 2.0f : x0);"),
+        STEP_H, "x0 = x0 < -1.0f ? -1.0f : (x0 > 1.0f ? 1.0f : x0);",
+        "x0 = x0 < -1.0f ? -1.0f : (x0 > 2.0f ? 2.0f : x0);"),
 }
 
 
@@ -130,7 +132,8 @@ def run(name, mutation, workdir, first=False):
     env = dict(os.environ, DDPM_FAST_EMULATION_SOURCES=source_dir)
     start = time.time()
     result = subprocess.run([sys.executable, "-m", "pytest", os.path.join(ROOT, "tests", "test_cuda_emulated.py"),
-                             "-v", "-p", "no:cacheprovider", *(["-x"] if first else [])], capture_output=True, text=True, env=env, cwd=workdir)
+                             "-v", "-p", "no:cacheprovider", *(["-x"] if first else [])],
+                            capture_output=True, text=True, env=env, cwd=workdir)
     counts = {}
     for test in re.findall(r"::(\w+)\S* (?:FAILED|ERROR)", result.stdout):
         counts[test] = counts.get(test, 0) + 1

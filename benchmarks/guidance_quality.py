@@ -60,7 +60,8 @@ def main():
                      f"{within_class_spread(samples, y, K):.3f} |")
         print(lines[-1], flush=True)
     real_accuracy = (classifier.predict(images.flatten(1).numpy()) == labels.numpy()).mean()
-    lines.append(f"| real training digits | {real_accuracy:.1%} | - | - | {within_class_spread(images, labels, K):.3f} |")
+    real_spread = within_class_spread(images, labels, K)
+    lines.append(f"| real training digits | {real_accuracy:.1%} | - | - | {real_spread:.3f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:
